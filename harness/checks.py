@@ -1,0 +1,237 @@
+"""Guest checks: liveness, memory integrity, DMA integrity and interrupt accounting.
+
+Workloads run inside L2 (guests/workloads/*.c). They start in ``prepare``, run across the
+restart, and are verified in ``verify``. Each check gives PASS, FAIL (with evidence),
+UNSUPPORTED (with the reason) or NOT_RUN; a check that did not run is never a PASS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import TYPE_CHECKING
+
+from .errors import StepError
+
+if TYPE_CHECKING:
+    from .guest import L2
+    from .qmp import Qmp
+    from .rig import Rig
+
+WORK = "/run/fr"
+CHECKS = ["liveness", "memory", "dma", "interrupts"]
+L2_LOG_PROBLEMS = re.compile(
+    r"I/O timeout|I/O \d+ QID \d+ timeout|aborting|controller is down|nobody cared|"
+    r"Disabling IRQ #\d+|resetting controller|Buffer I/O error|blk_update_request: I/O error", re.I)
+DMAR_FAULT = re.compile(r"DMAR: \[(?:DMA (?:Read|Write)|INTR-REMAP)[^\]]*\][^\n]*|DMAR: DRHD: handling fault[^\n]*")
+
+
+def verdict(state: str, evidence: dict | None = None, reason: str = "") -> dict:
+    result = {"verdict": state, "evidence": evidence or {}}
+    if reason:
+        result["reason"] = reason
+    return result
+
+
+def not_run(reason: str) -> dict:
+    return verdict("NOT_RUN", reason=reason)
+
+
+def dmar_faults(log: str) -> list[str]:
+    """DMAR fault lines in an L1 kernel log."""
+    return [m.group(0).strip() for m in DMAR_FAULT.finditer(log)]
+
+
+def l2_log_problems(log: str) -> list[str]:
+    """Lines in L2's kernel log that mean lost interrupts or stuck I/O."""
+    return [line.strip() for line in log.splitlines() if L2_LOG_PROBLEMS.search(line)]
+
+
+def first_event_time(qmp: Qmp, since: int, names: list[str], wait: float = 0) -> float:
+    """L0 time at which the first of ``names`` arrived (events are timestamped on receipt)."""
+    for event in qmp.events[since:]:
+        if event.name in names:
+            return event.received
+    if wait:
+        return qmp.wait_event(names, timeout=wait, since=since).received
+    raise StepError("downtime", f"no {names} event was seen", {"events": [e.name for e in qmp.events[since:]]})
+
+
+# -- liveness ------------------------------------------------------------------------------
+
+def _l2_monotonic(l2: L2) -> tuple[float, float]:
+    """(L0 time, L2 CLOCK_MONOTONIC) sampled together; L0 time is the round trip's midpoint."""
+    sent = time.time()
+    out = l2.console.check("head -3 /proc/timer_list | sed -n 's/^now at \\([0-9]*\\) nsecs/\\1/p'", step="liveness")
+    back = time.time()
+    return (sent + back) / 2, int(out.strip()) / 1e9
+
+
+def liveness_reading(l2: L2, rig: Rig) -> dict:
+    l0_time, monotonic = _l2_monotonic(l2)
+    out = l2.console.check("cat /proc/sys/kernel/random/boot_id /run/fr/counter; cut -d' ' -f1 /proc/uptime",
+                           step="liveness").split()
+    return {"l0_time": l0_time, "l2_monotonic": monotonic, "boot_id": out[0], "counter": int(out[1]),
+            "uptime": float(out[2]), "qemu_pid": l2.pid, "l1_boot_id": rig.l1_facts()["boot_id"]}
+
+
+def liveness(before: dict, after: dict, l2: L2, rig: Rig) -> dict:
+    """Same guest (boot_id), still alive (counter carries on and keeps counting), no reboot."""
+    time.sleep(0.5)
+    later = int(l2.console.check("cat /run/fr/counter", step="liveness").strip())
+    lag = (after["l0_time"] - before["l0_time"]) - (after["l2_monotonic"] - before["l2_monotonic"])
+    evidence = {"boot_id_before": before["boot_id"], "boot_id_after": after["boot_id"],
+                "counter_before": before["counter"], "counter_after": after["counter"], "counter_later": later,
+                "uptime_before": before["uptime"], "uptime_after": after["uptime"],
+                "l1_boot_id_before": before["l1_boot_id"], "l1_boot_id_after": after["l1_boot_id"],
+                "qemu_pid_before": before["qemu_pid"], "qemu_pid_after": after["qemu_pid"],
+                "guest_clock_lag_s": round(lag, 3)}
+    problems = []
+    if after["boot_id"] != before["boot_id"]:
+        problems.append("L2's boot_id changed: the guest rebooted")
+    if after["counter"] < before["counter"]:
+        problems.append("L2's counter went back: its RAM did not survive")
+    if later <= after["counter"]:
+        problems.append("L2's counter stopped counting after the resume")
+    if after["uptime"] < before["uptime"]:
+        problems.append("L2's uptime went back")
+    if problems:
+        return verdict("FAIL", evidence, "; ".join(problems))
+    return verdict("PASS", evidence)
+
+
+# -- the workloads -------------------------------------------------------------------------
+
+class Workloads:
+    """Starts and verifies the L2 workloads that back the memory, DMA and interrupt checks."""
+
+    def __init__(self, rig: Rig, mem_check_mib: int | None):
+        self.rig = rig
+        self.mem_check_mib = mem_check_mib
+        self.devices: dict[str, str] = {}  # name -> L2 BDF
+        self.ready: dict[str, dict] = {}
+        self.edu_slots: list[str] = []
+
+    def _json(self, l2: L2, cmd: str, step: str, timeout: float = 300) -> tuple[int, dict]:
+        rc, out = l2.console.run(cmd, timeout=timeout, step=step)
+        line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
+        if line is None:
+            raise StepError(step, f"`{cmd}` printed no JSON (exit {rc})", {"output": out[-2000:]})
+        return rc, json.loads(line)
+
+    def discover(self, l2: L2) -> dict[str, str]:
+        out = l2.console.check("for d in /sys/bus/pci/devices/*; do echo ${d##*/} $(cat $d/vendor $d/device); done",
+                               step="prepare")
+        by_id = {}
+        for line in out.splitlines():
+            bdf, vendor, device = line.split()
+            by_id[f"{vendor[2:]}:{device[2:]}"] = bdf
+        found = {}
+        for device in self.rig.devices:
+            if device.vendor_device not in by_id:
+                raise StepError("prepare", f"L2 does not see the assigned {device.name} ({device.vendor_device})",
+                                {"l2 pci": out})
+            found[device.name] = by_id[device.vendor_device]
+        return found
+
+    def start(self, l2: L2) -> None:
+        self.devices = self.discover(l2)
+        l2.console.check(f"mkdir -p {WORK}/mem {WORK}/edu {WORK}/blk", step="prepare")
+        mib = self.mem_check_mib
+        if mib is None:
+            available = int(l2.console.check("sed -n 's/^MemAvailable: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+                                             step="prepare").strip()) // 1024
+            mib = max(16, int(available * 0.6))
+        _, self.ready["memory"] = self._json(l2, f"memcheck start --mib {mib} --seed 7 --dir {WORK}/mem", "prepare")
+        if "edu" in self.devices:
+            rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {WORK}/edu --irq intx",
+                                   "prepare", timeout=120)
+            if rc != 0:
+                raise StepError("prepare", "edutest could not start", {"output": ready})
+            self.ready["edu"] = ready
+        if "nvme" in self.devices:
+            dev = l2.console.check("ls /dev/nvme*n1 | head -1", step="prepare").strip()
+            _, self.ready["nvme"] = self._json(l2, f"blkcheck start --dev {dev} --dir {WORK}/blk --mib 32",
+                                               "prepare")
+
+    def slot_gpas(self, l2: L2, count: int) -> list[str]:
+        """Guest-physical addresses of edu's first DMA slots (read only when a fault needs them)."""
+        out = l2.console.check(f"tr ',[' '\\n\\n' < {WORK}/edu/edutest.ready | grep -A{count} slot_gpas | "
+                               "grep -o '0x[0-9a-f]*'", step="prepare")
+        return out.split()[:count]
+
+    def verify(self, l2: L2, findings: dict[str, dict], inject: str | None) -> dict:
+        results: dict[str, dict] = {}
+        _, mem = self._json(l2, f"memcheck verify --dir {WORK}/mem", "verify")
+        edu = blk = None
+        if "edu" in self.ready:
+            _, edu = self._json(l2, f"edutest verify --dir {WORK}/edu --timeout 60", "verify")
+        if "nvme" in self.ready:
+            _, blk = self._json(l2, f"blkcheck verify --dir {WORK}/blk --timeout 120", "verify")
+        # Only matching lines cross the console: L2's emulated serial line is slow.
+        _, dmesg = l2.console.run(f"dmesg | grep -iE '{L2_LOG_PROBLEMS.pattern}' | tail -20", step="verify")
+        _, l1_log = self.rig.sh.run("dmesg | grep -E 'DMAR: \\[|DMAR: DRHD: handling fault' | tail -20")
+        l1_faults = dmar_faults(l1_log)
+        if l1_faults:
+            findings.setdefault("interrupts", {})["L1 DMAR faults at verify"] = l1_faults
+        results["memory"] = memory_verdict(mem, findings.get("memory", {}))
+        results["dma"] = dma_verdict(edu, blk)
+        results["interrupts"] = interrupts_verdict(edu, blk, l2_log_problems(dmesg), findings.get("interrupts", {}))
+        return results
+
+
+def memory_verdict(mem: dict, l1_findings: dict) -> dict:
+    evidence = {k: mem.get(k) for k in ("pages_checked", "bad_pages", "writer_writes", "writer_mismatches",
+                                         "fill_mib_per_s", "verify_mib_per_s", "first_bad")}
+    evidence["l1_digest"] = l1_findings or "unchanged"
+    if not mem.get("pages_checked"):
+        return verdict("FAIL", evidence, "no page was checked")
+    problems = []
+    if mem.get("bad_pages") or mem.get("writer_mismatches"):
+        problems.append(f"{mem.get('bad_pages')} bad page(s) in L2")
+    if l1_findings:
+        problems.append("the PMEM digest in L1 changed across the kexec")
+    return verdict("FAIL", evidence, "; ".join(problems)) if problems else verdict("PASS", evidence)
+
+
+def dma_verdict(edu: dict | None, blk: dict | None) -> dict:
+    if edu is None and blk is None:
+        return verdict("UNSUPPORTED", reason="no DMA-capable device is assigned (--devices)")
+    evidence, problems = {}, []
+    if edu is not None:
+        evidence["edu"] = {k: edu.get(k) for k in ("transfers", "dma_mismatches", "first_mismatch", "backend")}
+        if not edu.get("transfers"):
+            problems.append("edu made no DMA transfer")
+        if edu.get("dma_mismatches"):
+            problems.append(f"edu: {edu['dma_mismatches']} DMA payload(s) corrupted")
+    if blk is not None:
+        evidence["nvme"] = {k: blk.get(k) for k in ("blocks_checked", "bad_blocks", "loop_reads", "loop_writes",
+                                                    "first_bad", "direct")}
+        if blk.get("bad_blocks"):
+            problems.append(f"nvme: {blk['bad_blocks']} bad block(s)")
+    return verdict("FAIL", evidence, "; ".join(problems)) if problems else verdict("PASS", evidence)
+
+
+def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str], l1_findings: dict) -> dict:
+    if edu is None and blk is None:
+        return verdict("UNSUPPORTED", reason="no interrupt-raising device is assigned (--devices)")
+    evidence: dict = {"l2_log": l2_problems[:10], "l1_dmar_faults": l1_findings}
+    problems = []
+    if edu is not None:
+        evidence["edu"] = {k: edu.get(k) for k in ("irq", "irq_expected", "irq_received", "irq_lost",
+                                                   "irq_spurious", "dma_done_irqs", "raised_irqs")}
+        if not edu.get("irq_expected"):
+            problems.append("edu raised no interrupt")
+        elif edu.get("irq_expected") != edu.get("irq_received"):
+            problems.append(f"edu: {edu.get('irq_received')} of {edu.get('irq_expected')} interrupts arrived")
+    if blk is not None:
+        evidence["nvme"] = {k: blk.get(k) for k in ("ios_submitted", "ios_completed", "io_errors")}
+        if blk.get("ios_submitted") != blk.get("ios_completed") or blk.get("io_errors"):
+            problems.append(f"nvme: {blk.get('ios_completed')} of {blk.get('ios_submitted')} I/Os completed, "
+                            f"{blk.get('io_errors')} error(s)")
+    if l2_problems:
+        problems.append(f"L2 kernel log: {l2_problems[0]}")
+    if l1_findings:
+        problems.append("DMAR faults in L1")
+    return verdict("FAIL", evidence, "; ".join(problems)) if problems else verdict("PASS", evidence)

@@ -1,0 +1,289 @@
+"""The ``fastrestart`` command line.
+
+Exit codes: 0 PASS, 1 FAIL, 2 bad usage or input, 3 ERROR (rig or harness broke), 4 UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+
+from . import results
+from .errors import FastRestartError, UsageError
+from .machine import install_signal_handlers, kill_all_children
+from .runner import Cell, doctor_facts, run_cell
+
+EXIT = {"PASS": 0, "FAIL": 1, "ERROR": 3, "UNSUPPORTED": 4}
+
+
+class Progress:
+    """The step now running and the elapsed time, on one line (or one line per step off a tty)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, message: str) -> None:
+        text = f"[{time.monotonic() - self.start:6.1f}s] {self.label}: {message}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text)
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _cell_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", default="debian:trixie", help="L1 kernel spec (default debian:trixie)")
+    parser.add_argument("--to-kernel", help="kernel to kexec into (default: the same kernel)")
+    parser.add_argument("--l2-kernel", default="debian:trixie", help="L2 guest kernel spec")
+    parser.add_argument("--l1-qemu", default="trixie", help="QEMU in L1: bookworm (7.2), trixie (10.0), sid (11.x)")
+    parser.add_argument("--l0-qemu", help="QEMU on L0: auto (default: system if >= 9.0, else trixie), system, trixie or sid")
+    parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator for L1 (default: detect)")
+    parser.add_argument("--devices", default="edu,nvme", help="assigned devices, comma separated, or 'none'")
+    parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
+    parser.add_argument("--ram-backend", default="auto", choices=["auto", "devdax", "fsdax"])
+
+
+def _cell_from(args: argparse.Namespace, **extra) -> Cell:
+    devices = tuple(d for d in args.devices.split(",") if d and d != "none")
+    return Cell(kernel=args.kernel, to_kernel=args.to_kernel, l2_kernel=args.l2_kernel, l1_qemu=args.l1_qemu,
+                l0_qemu=args.l0_qemu, accel=args.accel, devices=devices, l2_mem=args.l2_mem,
+                ram_backend=args.ram_backend, **extra)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cell = _cell_from(args, mode=args.mode, cycles=args.cycles, inject=args.inject,
+                      shared_ram=not args.no_shared_ram, mem_check_mib=args.mem_check)
+    run_dir = Path(args.results or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
+    progress = Progress(cell.label())
+    result = run_cell(cell, run_dir, progress)
+    progress.done()
+    print_summary(result, run_dir)
+    return EXIT[result["verdict"]]
+
+
+def print_summary(result: dict, run_dir: Path) -> None:
+    print(f"\n{result['cell']}: {result['verdict']}" + (f" — {result['reason']}" if result.get("reason") else ""))
+    print(f"  mode {result['mode']}, accel {result['accel'] or '-'}, L1 {result['l1']['kernel_from']} -> "
+          f"{result['l1']['kernel_to']}, L1 QEMU {result['l1']['qemu']}")
+    print(f"  L1 boot_ids: {', '.join(b[:8] for b in result['l1']['boot_ids'])}; "
+          f"L2 boot_ids: {', '.join(b[:8] for b in result['l2']['boot_ids'])}")
+    phases = "  ".join(f"{k} {v:.2f}" for k, v in result["phases"].items() if v)
+    print(f"  phases (s): {phases}")
+    downtime = result["downtime_s"]
+    print(f"  downtime (s): qmp {downtime['qmp']}  guest {downtime['guest']}   wall {result['wall_s']} s")
+    for name, check in result["checks"].items():
+        reason = f" — {check['reason']}" if check.get("reason") else ""
+        print(f"  {name:<11} {check['verdict']}{reason}")
+    if result.get("error"):
+        print(f"  error in step {result['error']['step']}:\n    " +
+              str(result["error"]["message"]).replace("\n", "\n    ")[:3000])
+    print(f"  results: {run_dir}/result.json  logs: {run_dir}/logs/")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    facts = doctor_facts()
+    accel = facts["accel"]
+    print(f"accelerator: {accel['name']} ({accel['reason']})")
+    print(f"L0 QEMU: {facts['l0_qemu'] or 'missing'}")
+    print(f"cache: {facts['cache']}")
+    print(f"cached kernels: {', '.join(facts['kernels']) or 'none (fetched on first run)'}")
+    print(f"cached L1 userspaces: {', '.join(facts['userspaces']) or 'none (built on first run)'}")
+    for missing in facts.get("missing", []):
+        print(f"missing: {missing}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(facts, indent=1))
+    return 0 if not facts.get("missing") else 2
+
+
+def cmd_rig_check(args: argparse.Namespace) -> int:
+    from .rigcheck import rig_check
+
+    cell = _cell_from(args)
+    run_dir = Path(args.results or Path("results") / f"rig-{time.strftime('%Y%m%d-%H%M%S')}")
+    progress = Progress("rig check")
+    report = rig_check(cell, run_dir, progress)
+    progress.done()
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 3
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from .rigcheck import standing_rig
+
+    cell = _cell_from(args)
+    run_dir = Path(args.results or Path("results") / f"shell-{time.strftime('%Y%m%d-%H%M%S')}")
+    with standing_rig(cell, run_dir, Progress("shell")) as rig:
+        print(f"\nL1 shell (L2 is running; its console: nc 127.0.0.1 {rig.ports['console'][0]}, its QMP: "
+              f"127.0.0.1:{rig.ports['qmp'][0]}). Logs: {run_dir}/logs. Leave with Ctrl-].", file=sys.stderr)
+        interact(rig.sh.sock)
+    return 0
+
+
+def interact(sock) -> None:
+    """Hand the terminal to a console socket until Ctrl-]."""
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved:
+            tty.setraw(stdin)
+        os.write(sock.fileno(), b"\n")
+        while True:
+            ready, _, _ = select.select([stdin, sock], [], [])
+            if sock in ready:
+                data = sock.recv(4096)
+                if not data:
+                    return
+                os.write(sys.stdout.fileno(), data)
+            if stdin in ready:
+                data = os.read(stdin, 1024)
+                if not data or b"\x1d" in data:
+                    return
+                sock.sendall(data)
+    finally:
+        if saved:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from . import probes
+    from .pipelines import load_matrix
+    from .rig import RigConfig, prepare_artifacts
+
+    specs = [{"kernel": args.kernel, "to_kernel": None, "l1_qemu": args.l1_qemu}]
+    if args.matrix:
+        specs = load_matrix(Path(args.matrix))
+    seen = set()
+    for spec in specs:
+        key = (spec.get("kernel", "debian:trixie"), spec.get("to_kernel"), spec.get("l1_qemu", "trixie"))
+        if key in seen:
+            continue
+        seen.add(key)
+        print(f"fetching kernel {key[0]}{' -> ' + key[1] if key[1] else ''}, L1 QEMU {key[2]}", file=sys.stderr)
+        config = RigConfig(kernel=key[0], to_kernel=key[1], l1_qemu=key[2])
+        artifacts = prepare_artifacts(config)
+        probes.qemu_caps(artifacts.userspace)
+    print("artifacts cached; runs can now start offline", file=sys.stderr)
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .matrix import run_matrix
+
+    return run_matrix(Path(args.matrix), Path(args.results or Path("results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"),
+                      parallel=args.parallel, only=args.only)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    found = results.collect(Path(args.dir))
+    if not found:
+        raise UsageError(f"No result.json under {args.dir}.")
+    written = render_report(found, Path(args.dir))
+    results.write_junit(found, Path(args.dir) / "junit.xml", suite="fastrestart")
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_ci_render(args: argparse.Namespace) -> int:
+    from .pipelines import render_pipeline
+
+    print(render_pipeline(args.engine, Path(args.matrix), Path(args.output)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastrestart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one fast-restart cell and report every phase")
+    _cell_arguments(run)
+    run.add_argument("--mode", default="auto", help="auto, ignore-shared, cpr-reboot, cpr-transfer, hotplug")
+    run.add_argument("--cycles", type=int, default=1)
+    run.add_argument("--inject", help="mem-flip, mem-lost, dma-corrupt, irq-drop")
+    run.add_argument("--no-shared-ram", action="store_true", help="copy RAM into the state file (for comparison)")
+    run.add_argument("--mem-check", type=int, help="MiB of L2 RAM the memory check fills (default: most of it)")
+    run.add_argument("--results", help="result directory (default ./results/<timestamp>)")
+    run.set_defaults(func=cmd_run)
+
+    doctor = sub.add_parser("doctor", help="what this machine has and lacks")
+    doctor.add_argument("--json")
+    doctor.set_defaults(func=cmd_doctor)
+
+    rig = sub.add_parser("rig", help="the rig alone")
+    rig_sub = rig.add_subparsers(dest="rig_command", required=True)
+    check = rig_sub.add_parser("check", help="boot L1 and L2 and check every part of the rig")
+    _cell_arguments(check)
+    check.add_argument("--json")
+    check.add_argument("--results")
+    check.set_defaults(func=cmd_rig_check)
+
+    shell = sub.add_parser("shell", help="an L1 prompt with L2 running, for debugging")
+    _cell_arguments(shell)
+    shell.add_argument("--results")
+    shell.set_defaults(func=cmd_shell)
+
+    fetch = sub.add_parser("fetch", help="warm the artifact cache (kernels, userspaces)")
+    fetch.add_argument("--kernel", default="debian:trixie")
+    fetch.add_argument("--l1-qemu", default="trixie")
+    fetch.add_argument("--matrix")
+    fetch.set_defaults(func=cmd_fetch)
+
+    matrix = sub.add_parser("matrix", help="run the cells of a matrix and build the report")
+    matrix.add_argument("matrix")
+    matrix.add_argument("--parallel", type=int, default=1)
+    matrix.add_argument("--results")
+    matrix.add_argument("--only", help="run only cells whose name matches this glob")
+    matrix.set_defaults(func=cmd_matrix)
+
+    report = sub.add_parser("report", help="re-render report.md/html and junit.xml from results")
+    report.add_argument("dir")
+    report.set_defaults(func=cmd_report)
+
+    ci = sub.add_parser("ci", help="CI pipelines")
+    ci_sub = ci.add_subparsers(dest="ci_command", required=True)
+    render = ci_sub.add_parser("render", help="render a nightly pipeline from a matrix")
+    render.add_argument("--engine", choices=["gitlab", "github"], required=True)
+    render.add_argument("--matrix", required=True)
+    render.add_argument("-o", "--output", required=True)
+    render.set_defaults(func=cmd_ci_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    install_signal_handlers()
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"fastrestart: {exc}", file=sys.stderr)
+        return 2
+    except FastRestartError as exc:
+        print(f"fastrestart: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nfastrestart: interrupted; every VM was stopped, logs are kept.", file=sys.stderr)
+        return 130
+    finally:
+        kill_all_children()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

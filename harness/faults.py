@@ -1,0 +1,96 @@
+"""Faults injected for real, at the step where they would happen in production.
+
+- ``mem-flip``: bytes of L2's RAM flipped in PMEM between save and restore (in L1, by mmap).
+- ``mem-lost``: the new kernel boots without the memmap= reservation (flow.kexec drops it).
+- ``dma-corrupt``: DMA payloads that edu wrote into L2 RAM are corrupted in PMEM while L2 is down.
+- ``irq-drop``: after the restore, the assigned edu's interrupt is masked in the physical device
+  (from L1, under vfio-pci) and never unmasked, so interrupts raised after the resume are lost.
+
+Also the L1-side digest of the PMEM that holds L2's RAM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import StepError, UsageError
+from .workloads import parse_l1tool
+
+if TYPE_CHECKING:
+    from .flow import Flow
+    from .rig import Rig
+
+FAULTS = {
+    "mem-flip": "memory",
+    "mem-lost": "memory",
+    "dma-corrupt": "dma",
+    "irq-drop": "interrupts",
+}
+"""Each fault and the check that exists to catch it."""
+
+MIB = 1 << 20
+Q35_LOWMEM_SPLIT = 0xB0000000  # q35 keeps all RAM below 4 GiB up to this size
+Q35_LOWMEM = 0x80000000
+
+
+def check_fault(name: str | None, devices: list[str]) -> None:
+    if name is None:
+        return
+    if name not in FAULTS:
+        raise UsageError(f"Unknown fault '{name}'. Faults: {', '.join(FAULTS)}.")
+    if name in ("dma-corrupt", "irq-drop") and "edu" not in devices:
+        raise UsageError(f"--inject {name} needs the edu device (--devices edu,...).")
+
+
+def gpa_to_offset(gpa: int, ram_bytes: int) -> int:
+    """Offset in the RAM backend of a q35 guest-physical address."""
+    if ram_bytes < Q35_LOWMEM_SPLIT or gpa < Q35_LOWMEM:
+        return gpa
+    return Q35_LOWMEM + (gpa - (1 << 32))
+
+
+def digest(rig: Rig, path: str, mib: int) -> dict:
+    out = rig.sh.check(f"l1tool digest {path} --size {mib * MIB}", timeout=300, step="digest")
+    return parse_l1tool(out.splitlines()[-1])
+
+
+def _flip(rig: Rig, path: str, offsets: list[int]) -> list[str]:
+    lines = []
+    for offset in offsets:
+        lines.append(rig.sh.check(f"l1tool flip {path} --offset {offset}", step="inject").strip())
+    return lines
+
+
+def inject_before_kexec(flow: Flow) -> dict:
+    """Faults that hit L2's RAM while L2 is down (called from the record step)."""
+    fault, rig = flow.options.inject, flow.rig
+    ram_bytes = rig.config.l2_mem_mib * MIB
+    if fault == "mem-flip":
+        samples = [s for s in flow.workloads.ready["memory"]["samples"] if s.get("paddr")]
+        target = samples[len(samples) // 2]
+        offset = gpa_to_offset(int(target["paddr"], 16), ram_bytes) + 123
+        return {"injected": fault, "target": target, "flips": _flip(rig, flow.ram_path, [offset])}
+    if fault == "dma-corrupt":
+        slots = flow.workloads.edu_slots
+        offsets = [gpa_to_offset(int(gpa, 16), ram_bytes) + 17 for gpa in slots]
+        flips = _flip(rig, flow.ram_path, offsets)
+        return {"injected": fault, "slots": len(offsets), "first_flip": flips[0] if flips else None}
+    return {}
+
+
+def inject_after_restore(flow: Flow) -> dict:
+    """Faults that hit the device once L2 is back (called from the restore step)."""
+    if flow.options.inject != "irq-drop":
+        return {}
+    edu = next(d for d in flow.rig.devices if d.name == "edu")
+    # INTx: set Interrupt Disable in the physical function's command register; MSI: clear MSI
+    # Enable. Either way, vfio-pci in L1 never sees the interrupt again.
+    rc, out = flow.rig.sh.run(f"l1tool msi-disable {edu.l1_bdf}")
+    command = flow.rig.sh.check(
+        f"c=$(dd if=/sys/bus/pci/devices/{edu.l1_bdf}/config bs=1 skip=4 count=2 2>/dev/null | od -An -tu2); "
+        f"n=$((c | 0x400)); printf \"$(printf '\\\\%03o\\\\%03o' $((n & 255)) $((n >> 8)))\" | "
+        f"dd of=/sys/bus/pci/devices/{edu.l1_bdf}/config bs=1 seek=4 count=2 conv=notrunc 2>/dev/null; "
+        f"echo before=$c after=$n", step="inject")
+    if "after=" not in command:
+        raise StepError("inject", "could not mask edu's INTx in L1", {"output": command})
+    return {"injected": "irq-drop", "msi": out.strip() if rc == 0 else "no MSI enabled", "intx_mask": command.strip()}

@@ -1,0 +1,369 @@
+"""The fast-restart flow, step by step, as DESIGN.md §5 tells it.
+
+    prepare → [ save → record → kexec → boot → reserve → enumerate → reload → restore → resume ] × cycles → verify
+
+Every step is a method decorated with ``@step``: it is timed, it leaves its evidence in the
+result and in ``flow.log``, and a failure inside it becomes a StepError that names it. A mode
+without a host restart (cpr-transfer) skips kexec to reload.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checks, faults
+from .errors import FastRestartError, StepError
+from .guest import L2
+from .modes import Mode
+from .probes import QemuCaps
+from .rig import READY_L1, Rig
+
+PHASES = ["prepare", "save", "record", "kexec", "boot", "reserve", "enumerate", "reload", "restore",
+          "resume", "verify"]
+REMAPPED_IOMMU = ["Translation was enabled", "not in kdump mode", "Copied translation tables",
+                  "IRQ remapping was enabled"]
+
+
+@dataclass
+class FlowOptions:
+    cycles: int = 1
+    inject: str | None = None
+    mem_check_mib: int | None = None
+    l1_digest: bool = True
+
+
+class CheckFailed(FastRestartError):
+    """A check failed in a way that ends the run (e.g. guest RAM lost): a FAIL, not an ERROR."""
+
+    exit_code = 1
+
+    def __init__(self, check: str, message: str, evidence: dict):
+        super().__init__(message)
+        self.check, self.evidence = check, evidence
+
+
+def step(name: str) -> Callable:
+    """Time a flow step, record its evidence and name it in any failure."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self: Flow, *args, **kwargs):
+            self.progress(name)
+            started = time.monotonic()
+            try:
+                evidence = method(self, *args, **kwargs) or {}
+            except StepError as exc:
+                if exc.step not in PHASES:
+                    exc.evidence.setdefault("detail", exc.step)
+                    exc.step = name
+                raise
+            except FastRestartError:
+                raise
+            except Exception as exc:
+                raise StepError(name, f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                elapsed = time.monotonic() - started
+                phases = self.cycle_record.setdefault("phases", {})
+                phases[name] = round(phases.get(name, 0) + elapsed, 3)
+                self.log(f"step {name} took {elapsed:.3f} s")
+            self.cycle_record.setdefault("evidence", {})[name] = evidence
+            self.log(f"step {name} evidence: {json.dumps(evidence, default=str)[:2000]}")
+            return evidence
+
+        return wrapper
+
+    return decorate
+
+
+class Flow:
+    """One fast-restart run on a rig, in a chosen mode."""
+
+    def __init__(self, rig: Rig, mode: Mode, caps: QemuCaps, options: FlowOptions,
+                 progress: Callable[[str], None] = lambda _: None):
+        self.rig = rig
+        self.mode = mode
+        self.caps = caps
+        self.options = options
+        self.report_progress = progress
+        self.l2: L2 | None = None
+        self.ram_path = ""
+        self.cycle = 0
+        self.cycles: list[dict] = []
+        self.prepare_record: dict = {"cycle": 0}
+        self.verify_record: dict = {"cycle": "verify"}
+        self.cycle_record = self.prepare_record
+        self.l1_boot_ids: list[str] = []
+        self.l1_releases: list[str] = []
+        self.workloads: checks.Workloads | None = None
+        self.readings: dict = {}
+        self.findings: dict[str, dict] = {}
+        self._flow_log = (rig.log_dir / "flow.log").open("a")
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        self._flow_log.write(f"{time.strftime('%H:%M:%S')} [cycle {self.cycle}] {text}\n")
+        self._flow_log.flush()
+
+    def progress(self, name: str) -> None:
+        self.log(f"step {name} starts")
+        self.report_progress(f"cycle {self.cycle}: {name}" if self.cycle else name)
+
+    def start_l2(self, incoming: list[str] | None = None, plug_vfio: bool = True,
+                 connect_qmp: bool = True) -> L2:
+        spec = self.rig.l2_spec(self.ram_path, **self.mode.l2_options(self.rig.config.devices))
+        self.l2_spec = spec
+        if not connect_qmp:
+            incoming = incoming or []
+        l2 = self.rig.start_l2(spec, incoming=incoming, plug_vfio=plug_vfio, wait_ready=incoming is None)
+        if incoming is None or connect_qmp:
+            self.l2 = l2
+            self.rig.l2 = l2
+        return l2
+
+    def quit_l2(self, l2: L2, step: str) -> None:
+        """Ask L2's QEMU to quit and make sure its process is gone in L1."""
+        try:
+            l2.qmp.cmd("quit", step=step, timeout=10)
+        except StepError:
+            pass  # the link may drop before the reply
+        deadline = time.monotonic() + 30
+        while self.rig.l2_qemu_alive(l2.pid):
+            if time.monotonic() > deadline:
+                self.rig.sh.run(f"kill -9 {l2.pid}")
+                raise StepError(step, f"L2 QEMU (pid {l2.pid}) did not quit")
+            time.sleep(0.05)
+        l2.close()
+
+    def retire_l2(self, old: L2, new: L2) -> None:
+        """cpr-transfer: the new QEMU has taken over; the old one quits."""
+        self.quit_l2(old, step="save")
+        self.l2 = new
+        self.rig.l2 = new
+
+    def suspend_l2(self) -> dict:
+        """The guest suspends itself to RAM (cpr-reboot with devices attached needs it)."""
+        since = len(self.l2.qmp.events)
+        self.l2.console.send("echo mem > /sys/power/state; echo FR-WO''KE")
+        event = self.l2.qmp.wait_event("SUSPEND", timeout=60, step="save", since=since)
+        return {"suspended_at": event.received}
+
+    def unplug_vfio(self) -> list[str]:
+        names = []
+        for device in self.l2_spec.vfio:
+            since = len(self.l2.qmp.events)
+            self.l2.qmp.cmd("device_del", step="save", id=device.name)
+            self.l2.qmp.wait_event("DEVICE_DELETED", timeout=60, step="save", since=since)
+            names.append(device.name)
+        return names
+
+    def replug_vfio(self) -> list[str]:
+        for device in self.l2_spec.vfio:
+            self.l2.qmp.cmd("device_add", step="resume", **device.device_add_args())
+        return [d.name for d in self.l2_spec.vfio]
+
+    # -- the flow ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.prepare()
+        for cycle in range(1, self.options.cycles + 1):
+            self.begin_cycle(cycle)
+            self.save()
+            self.record()
+            if self.mode.restarts_host:
+                self.kexec()
+                self.boot()
+                self.reserve()
+                self.enumerate()
+                self.reload()
+            self.restore()
+            self.resume()
+            self.end_cycle()
+        self.cycle_record = self.verify_record
+        self.verify()
+
+    def begin_cycle(self, cycle: int) -> None:
+        self.cycle = cycle
+        self.cycle_record = {"cycle": cycle}
+        self.cycles.append(self.cycle_record)
+
+    @step("prepare")
+    def prepare(self) -> dict:
+        boot = self.rig.boot_l1()
+        facts = self.rig.l1_facts()
+        self.l1_boot_ids.append(facts["boot_id"])
+        self.l1_releases.append(facts["release"])
+        iommu = self.rig.iommu_state()
+        if not (iommu["dmar"] and iommu["irq_remapping"]):
+            raise StepError("prepare", "L1 came up without DMAR or IRQ remapping", {"dmesg": iommu["log"]})
+        marks = {"l1_boot": round(boot["seconds"], 2)}
+        started = time.monotonic()
+
+        def mark(name: str) -> None:
+            marks[name] = round(time.monotonic() - started, 2)
+            self.log(f"prepare: {name} done at +{marks[name]} s")
+
+        pmem = self.rig.setup_pmem(fresh=True)
+        self.ram_path = pmem["ram_path"]
+        mark("pmem")
+        drivers = self.rig.bind_vfio()
+        mark("vfio")
+        self.start_l2()
+        mark("l2_boot")
+        self.workloads = checks.Workloads(self.rig, self.options.mem_check_mib)
+        self.workloads.start(self.l2)
+        if self.options.inject == "dma-corrupt":
+            self.workloads.edu_slots = self.workloads.slot_gpas(self.l2, 64)
+        mark("workloads")
+        return {"timeline_s": marks, "l1": facts, "pmem": pmem, "l1_drivers": drivers,
+                "l2_devices": self.workloads.devices, "workloads": self.workloads.ready}
+
+    @step("save")
+    def save(self) -> dict:
+        self.readings["before"] = checks.liveness_reading(self.l2, self.rig)
+        self.stop_marker = len(self.l2.qmp.events)
+        self.stop_qmp = self.l2.qmp
+        facts = self.mode.save(self)
+        facts["stopped_at"] = checks.first_event_time(self.stop_qmp, self.stop_marker, ["SUSPEND", "STOP"])
+        return facts
+
+    @step("record")
+    def record(self) -> dict:
+        record = {"devices": [d.l1_bdf for d in self.rig.devices], "memmap": self.rig.layout.memmap(),
+                  "cmdline": self.rig.l1_cmdline(), "state_file": "/mnt/state/l2.state",
+                  "ram_path": self.ram_path, "l2_args": self.l2_spec.args()}
+        self.rig.sh.check(f"echo '{json.dumps(record)}' > /mnt/state/record.json", step="record")
+        facts = {"record": record}
+        if self.options.l1_digest and self.mode.restarts_host and self.ram_path:
+            facts["ram_digest_before"] = faults.digest(self.rig, self.ram_path, self.rig.config.l2_mem_mib)
+        facts.update(faults.inject_before_kexec(self))
+        return facts
+
+    @step("kexec")
+    def kexec(self) -> dict:
+        sh = self.rig.sh
+        sh.check("sync; umount /sysroot/mnt/state; umount /sysroot/mnt/ram 2>/dev/null; true", step="kexec")
+        append = self.rig.l1_cmdline(with_memmap=self.options.inject != "mem-lost")
+        started = time.monotonic()
+        sh.check(f"chroot /sysroot kexec -l /boot/to/vmlinuz --initrd=/boot/to/initrd --append='{append}'",
+                 timeout=300, step="kexec")
+        loaded = time.monotonic() - started
+        self.kexec_started = time.monotonic()
+        sh.send("chroot /sysroot kexec -e")
+        sh.expect(r"Linux version \S+", timeout=120, step="kexec")
+        return {"load_s": round(loaded, 3), "to_first_line_s": round(time.monotonic() - self.kexec_started, 3),
+                "append": append}
+
+    @step("boot")
+    def boot(self) -> dict:
+        self.rig.sh.expect(READY_L1, timeout=180, step="boot")
+        self.rig.sh.sync()
+        facts = self.rig.l1_facts()
+        self.l1_boot_ids.append(facts["boot_id"])
+        self.l1_releases.append(facts["release"])
+        expected = self.rig.artifacts.kernel_to.release
+        if facts["release"] != expected:
+            raise StepError("boot", f"L1 booted {facts['release']}, not the target {expected}")
+        if facts["boot_id"] == self.l1_boot_ids[-2]:
+            raise StepError("boot", "L1's boot_id did not change: no new kernel booted")
+        return {**facts, "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3)}
+
+    @step("reserve")
+    def reserve(self) -> dict:
+        try:
+            pmem = self.rig.setup_pmem(fresh=False)
+        except StepError as exc:
+            if self.options.inject == "mem-lost" or "reservation is missing" in exc.message:
+                raise CheckFailed("memory", "L2 RAM is gone: the new kernel has no PMEM region where it was",
+                                  {"reason": exc.message, **exc.evidence}) from exc
+            raise
+        facts = {"pmem": pmem}
+        state = self.rig.sh.run("stat -c %s /mnt/state/l2.state")
+        facts["state_file_bytes"] = state[1].strip() if state[0] == 0 else "missing"
+        before = self.cycle_record.get("evidence", {}).get("record", {}).get("ram_digest_before")
+        if before:
+            after = faults.digest(self.rig, pmem["ram_path"], self.rig.config.l2_mem_mib)
+            facts["ram_digest_after"] = after
+            if after["digest"] != before["digest"]:
+                self.findings.setdefault("memory", {})[f"cycle {self.cycle} L1 digest"] = {
+                    "before": before["digest"], "after": after["digest"]}
+        return facts
+
+    @step("enumerate")
+    def enumerate(self) -> dict:
+        drivers = self.rig.bind_vfio()
+        wrong = {name: drv for name, drv in drivers.items() if drv != "vfio-pci"}
+        if wrong:
+            raise StepError("enumerate", f"devices not bound to vfio-pci after the kexec: {wrong}")
+        return {"l1_drivers": drivers}
+
+    @step("reload")
+    def reload(self) -> dict:
+        _, log = self.rig.sh.run("dmesg | grep -iE 'DMAR|IOMMU|remapp' | head -60")
+        seen = [pattern for pattern in REMAPPED_IOMMU if pattern in log]
+        faults_seen = checks.dmar_faults(log)
+        if faults_seen:
+            self.findings.setdefault("interrupts", {})[f"cycle {self.cycle} DMAR faults"] = faults_seen
+        return {"inherited_iommu_messages": seen, "dmar_faults": faults_seen}
+
+    @step("restore")
+    def restore(self) -> dict:
+        facts = self.mode.restore(self)
+        facts.update(faults.inject_after_restore(self))
+        return facts
+
+    @step("resume")
+    def resume(self) -> dict:
+        since = len(self.l2.qmp.events)
+        facts = self.mode.resume(self)
+        facts["resumed_at"] = checks.first_event_time(self.l2.qmp, since, ["RESUME", "WAKEUP"], wait=10)
+        facts["downtime_qmp_s"] = round(facts["resumed_at"] - self.cycle_record["evidence"]["save"]["stopped_at"], 3)
+        self.readings["after"] = checks.liveness_reading(self.l2, self.rig)
+        return facts
+
+    def end_cycle(self) -> None:
+        liveness = checks.liveness(self.readings["before"], self.readings["after"], self.l2, self.rig)
+        self.cycle_record["liveness"] = liveness
+        self.cycle_record["downtime_s"] = {
+            "qmp": self.cycle_record["evidence"]["resume"]["downtime_qmp_s"],
+            "guest": liveness["evidence"].get("guest_clock_lag_s")}
+        self.log(f"cycle {self.cycle} liveness {liveness['verdict']}")
+
+    @step("verify")
+    def verify(self) -> dict:
+        return {"checks": self.workloads.verify(self.l2, self.findings, self.options.inject)}
+
+    def close(self) -> None:
+        self._flow_log.close()
+
+    # -- what the result needs -------------------------------------------------------------
+    def cycles_verdicts(self) -> dict:
+        """Liveness over every cycle, and the checks from verify."""
+        verdicts = {}
+        lives = [c["liveness"] for c in self.cycles if "liveness" in c]
+        if lives:
+            failed = next((lv for lv in lives if lv["verdict"] != "PASS"), None)
+            verdicts["liveness"] = failed or {"verdict": "PASS", "evidence": {"cycles": [lv["evidence"] for lv in lives]}}
+        verify = self.verify_record.get("evidence", {}).get("verify", {})
+        verdicts.update(verify.get("checks", {}))
+        return verdicts
+
+    def cycles_summary(self) -> list[dict]:
+        return [{"cycle": c["cycle"], "phases": c.get("phases", {}), "downtime_s": c.get("downtime_s"),
+                 "evidence": c.get("evidence", {})} for c in self.cycles]
+
+
+def summarize_phases(cycles: list[dict]) -> dict[str, float]:
+    """Per-phase time: the mean over cycles (prepare and verify happen once)."""
+    totals: dict[str, list[float]] = {}
+    for record in cycles:
+        for name, seconds in record.get("phases", {}).items():
+            totals.setdefault(name, []).append(seconds)
+    return {name: round(sum(v) / len(v), 3) for name, v in totals.items()}
+
+
+def run_dir_for(results: Path | None) -> Path:
+    return results or Path("results") / time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,143 @@
+"""The L2 guest: a QEMU process inside L1, described by device objects and driven from L0.
+
+Its console and QMP listen on TCP ports inside L1, which L0's user networking forwards to
+127.0.0.1 only. Two port sets exist so that, with cpr-transfer, the new QEMU can listen while
+the old one still holds the first set.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .console import Console, connect_tcp
+from .devices import Device, _props
+from .errors import StepError
+from .qmp import Qmp
+
+L1_QMP_PORTS = (4444, 4445)
+L1_CONSOLE_PORTS = (5555, 5556)
+STATE_DIR = "/mnt/state"  # the state region, mounted fsdax in L1; same path in and out of chroot
+
+
+@dataclass
+class RamBackend(Device):
+    """Where L2's RAM lives. ``kind``: devdax (a /dev/daxX.Y node), fsdax (a file on a DAX mount),
+    memfd (anonymous shared memory; for cpr-transfer, which keeps it by passing the fd) or ram
+    (plain private RAM, for the RAM-copying comparison)."""
+
+    kind: str
+    size_mib: int
+    path: str = ""
+
+    def args(self) -> list[str]:
+        size = f"{self.size_mib}M"
+        if self.kind == "devdax":
+            backend = _props("memory-backend-file", id="mem", size=size, mem_path=self.path, align="2M",
+                             share=True)
+        elif self.kind == "fsdax":
+            backend = _props("memory-backend-file", id="mem", size=size, mem_path=self.path, share=True)
+        elif self.kind == "memfd":
+            backend = _props("memory-backend-memfd", id="mem", size=size, share=True)
+        else:
+            backend = _props("memory-backend-ram", id="mem", size=size)
+        return ["-object", backend]
+
+
+@dataclass
+class VfioPci(Device):
+    """A device L1 owns through vfio-pci, behind its own PCIe root port in L2 (hot-pluggable)."""
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def root_port(self) -> str:
+        return f"rp-{self.name}"
+
+    def port_args(self) -> list[str]:
+        return ["-device", _props("pcie-root-port", id=self.root_port, chassis=self.port + 1, slot=self.port,
+                                  addr=f"{0x10 + self.port:#x}")]
+
+    def device_add_args(self) -> dict:
+        return {"driver": "vfio-pci", "host": self.host, "bus": self.root_port, "id": self.name}
+
+    def args(self) -> list[str]:
+        return [*self.port_args(), "-device", _props("vfio-pci", host=self.host, bus=self.root_port, id=self.name)]
+
+
+@dataclass
+class L2Spec:
+    """Everything that defines L2's QEMU command line (identical before and after a restart)."""
+
+    ram: RamBackend
+    kernel: str = "/boot/l2/vmlinuz"
+    initrd: str = "/boot/l2/initrd"
+    append: str = "console=ttyS0 quiet panic=-1 mitigations=off"
+    vfio: list[VfioPci] = field(default_factory=list)
+    allow_s3: bool = False
+    aux_ram_share: bool = False
+    cpus: int = 1
+
+    def args(self, ports: int = 0, incoming: list[str] | None = None, plug_vfio: bool = True) -> list[str]:
+        machine = _props("q35", memory_backend="mem", aux_ram_share=True if self.aux_ram_share else None)
+        args = ["-name", "l2", "-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(self.cpus),
+                "-m", f"{self.ram.size_mib}M", "-nodefaults", "-no-user-config", "-display", "none",
+                *self.ram.args(), "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
+                "-chardev", f"socket,id=con0,host=0.0.0.0,port={L1_CONSOLE_PORTS[ports]},server=on,wait=on",
+                "-serial", "chardev:con0",
+                "-qmp", f"tcp:0.0.0.0:{L1_QMP_PORTS[ports]},server=on,wait=off"]
+        if self.allow_s3:
+            args += ["-global", "ICH9-LPC.disable_s3=0"]
+        for device in self.vfio:
+            args += device.args() if plug_vfio else device.port_args()
+        for spec in incoming or []:
+            args += ["-incoming", spec]
+        return args
+
+
+class L2:
+    """A running (or about to run) L2 QEMU generation: its PID in L1, console and QMP from L0."""
+
+    def __init__(self, generation: int, pid: int, ports: int, log: IO[bytes], run_dir: Path):
+        self.generation = generation
+        self.pid = pid
+        self.ports = ports
+        self.log = log
+        self.run_dir = run_dir
+        self.console: Console | None = None
+        self.qmp: Qmp | None = None
+
+    def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60, qmp: bool = True) -> None:
+        sock = connect_tcp(l0_console_port, timeout)
+        self.console = Console(f"l2[{self.generation}]", sock, self.log)
+        if qmp:
+            self.connect_qmp(l0_qmp_port, timeout)
+
+    def connect_qmp(self, l0_qmp_port: int, timeout: float = 60) -> None:
+        self.qmp = Qmp(("127.0.0.1", l0_qmp_port), self.run_dir / "qmp-transcript.jsonl",
+                       name=f"l2[{self.generation}]-qmp")
+        self.qmp.connect(timeout)
+
+    def close(self) -> None:
+        if self.qmp:
+            self.qmp.close()
+        if self.console:
+            self.console.close()
+
+
+def start_command(qemu: str, spec_args: list[str], log_path: str) -> str:
+    """The L1 shell line that starts L2's QEMU in the background and prints its PID."""
+    # setsid: QEMU must not share the console's session (or touch its foreground process group).
+    return (f"setsid chroot /sysroot {qemu} {shlex.join(spec_args)} >> {shlex.quote(log_path)} 2>&1 "
+            "</dev/null & echo L2PID=$!")
+
+
+def parse_pid(output: str) -> int:
+    for line in output.splitlines():
+        if line.startswith("L2PID="):
+            return int(line.split("=", 1)[1])
+    raise StepError("start-l2", "the L1 shell did not report L2's PID", {"output": output})

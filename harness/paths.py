@@ -1,0 +1,32 @@
+"""Where things live: the content-keyed artifact cache and per-run directories."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/fastrestart``, created on first use."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "fastrestart"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def content_key(*parts: object, files: tuple[Path, ...] = ()) -> str:
+    """A short digest over values and file contents: the cache key of a built artifact."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+    for path in files:
+        digest.update(str(path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def socket_dir(prefix: str = "fr") -> Path:
+    """A short, unique directory for AF_UNIX sockets (their paths are limited to 108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))

@@ -1,0 +1,420 @@
+"""The rig: L1 on L0 with a vIOMMU and assigned devices, L2 inside L1 on PMEM-backed RAM.
+
+``Rig`` owns every process and log of one run. Its methods are the building blocks the flow
+uses (boot L1, set up PMEM, bind vfio, start L2); the flow decides their order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import accel as accel_mod
+from . import images, kernels
+from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
+from .errors import StepError, UsageError
+from .guest import (
+    L1_CONSOLE_PORTS,
+    L1_QMP_PORTS,
+    L2,
+    STATE_DIR,
+    L2Spec,
+    RamBackend,
+    VfioPci,
+    parse_pid,
+    start_command,
+)
+from .machine import Machine
+
+MIB = 1 << 20
+SECTION_MIB = 128  # memory hotplug section: PMEM regions are aligned to it
+STATE_REGION_MIB = 128
+L1_OWN_MIB = 1024
+LOWMEM_LIMIT_MIB = 2816  # q35 splits RAM at 2 GiB once it reaches 2.75 GiB
+READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
+READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """L1's memory: its own RAM plus two DRAM-as-PMEM regions (L2 RAM, device state)."""
+
+    l1_mem_mib: int
+    ram_offset_mib: int
+    ram_size_mib: int
+    state_offset_mib: int
+    state_size_mib: int
+
+    @classmethod
+    def for_l2(cls, l2_mem_mib: int, state_mib: int = STATE_REGION_MIB) -> Layout:
+        if l2_mem_mib % 2 or l2_mem_mib < 64:
+            raise UsageError(f"L2 memory must be an even number of MiB, at least 64 (got {l2_mem_mib}).")
+        # devdax keeps its struct pages inside the namespace (1/64 of it) plus an info block.
+        ram = _round_up(int(l2_mem_mib * 66 / 64) + 16, SECTION_MIB)
+        state = _round_up(state_mib, SECTION_MIB)
+        # One spare section on top: firmware reserves the last pages of RAM, and a region that
+        # straddles them is split and misaligned.
+        top = ram + state + SECTION_MIB
+        if L1_OWN_MIB + top <= LOWMEM_LIMIT_MIB:
+            layout = cls(L1_OWN_MIB + top, L1_OWN_MIB, ram, L1_OWN_MIB + ram, state)
+        else:  # above 4 GiB, clear of the PCI hole
+            layout = cls(2048 + top, 4096, ram, 4096 + ram, state)
+        if layout.l1_mem_mib > 16384:
+            raise UsageError(f"L2 memory of {l2_mem_mib} MiB needs an L1 of {layout.l1_mem_mib} MiB, more than "
+                             "the 16 GiB the rig allows. Use a smaller --l2-mem.")
+        return layout
+
+    def memmap(self) -> str:
+        return (f"memmap={self.ram_size_mib}M!{self.ram_offset_mib}M "
+                f"memmap={self.state_size_mib}M!{self.state_offset_mib}M")
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def parse_size_mib(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([MmGg]?)i?[Bb]?", text.strip())
+    if not match:
+        raise UsageError(f"Cannot read the size '{text}'. Use e.g. 256M or 2G.")
+    value = int(match[1])
+    return value * 1024 if match[2].lower() == "g" else value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RigConfig:
+    kernel: str = "debian:trixie"
+    to_kernel: str | None = None
+    l2_kernel: str = "debian:trixie"
+    l1_qemu: str = "trixie"
+    l0_qemu: str | None = None
+    accel: str | None = None
+    devices: list[str] = field(default_factory=lambda: ["edu", "nvme"])
+    l2_mem_mib: int = 256
+    ram_backend: str = "auto"  # auto | devdax | fsdax | memfd
+    shared_ram: bool = True
+    l1_cpus: int = 2
+
+
+@dataclass
+class Artifacts:
+    kernel_from: kernels.Kernel
+    kernel_to: kernels.Kernel
+    l2_kernel: kernels.Kernel
+    initrd_from: Path
+    initrd_to: Path
+    l2_initrd: Path
+    userspace: images.Userspace
+
+    def boot_files(self) -> dict[str, Path]:
+        return {"from/vmlinuz": self.kernel_from.image, "from/initrd": self.initrd_from,
+                "to/vmlinuz": self.kernel_to.image, "to/initrd": self.initrd_to,
+                "l2/vmlinuz": self.l2_kernel.image, "l2/initrd": self.l2_initrd}
+
+
+def prepare_artifacts(config: RigConfig) -> Artifacts:
+    """Resolve kernels and build images (all cached)."""
+    kernel_from = kernels.resolve(config.kernel)
+    kernel_to = kernels.resolve(config.to_kernel) if config.to_kernel else kernel_from
+    l2_kernel = kernels.resolve(config.l2_kernel)
+    initrd_from = images.l1_initramfs(kernel_from)
+    initrd_to = images.l1_initramfs(kernel_to) if kernel_to != kernel_from else initrd_from
+    return Artifacts(kernel_from, kernel_to, l2_kernel, initrd_from, initrd_to,
+                     images.l2_initramfs(l2_kernel), images.l1_userspace(config.l1_qemu))
+
+
+L0_AUTO_MIN = (9, 0)
+
+
+def l0_qemu(spec: str | None) -> tuple[list[str], str]:
+    """The L0 QEMU command prefix and its version: the system's, or one from a Debian suite.
+
+    ``auto`` (the default) takes the system QEMU when it is 9.0 or newer, else trixie's: QEMU 7.2's
+    edu kills the VM on a 4 KiB DMA (DESIGN §9), and its multi-threaded TCG was seen to crash L1
+    while the kernel patched its own text at boot (an int3 oops in sched_clock_cpu).
+    """
+    if spec in (None, "", "auto"):
+        try:
+            prefix, version = l0_qemu("system")
+        except UsageError:
+            return l0_qemu("trixie")
+        if tuple(int(x) for x in version.split(".")[:2]) >= L0_AUTO_MIN:
+            return prefix, version
+        return l0_qemu("trixie")
+    if spec == "system":
+        binary = shutil.which("qemu-system-x86_64")
+        if not binary:
+            raise UsageError("qemu-system-x86_64 is not installed. Install it with "
+                             "`apt-get install qemu-system-x86`, or use --l0-qemu trixie|sid.")
+        prefix = [binary]
+    else:
+        tree = images.l1_userspace(spec).tree
+        libs = ":".join(str(tree / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"))
+        prefix = [str(tree / "usr/lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
+                  str(tree / "usr/bin/qemu-system-x86_64"), "-L", str(tree / "usr/share/qemu"),
+                  "-L", str(tree / "usr/share/seabios")]
+    out = subprocess.run([*prefix, "--version"], capture_output=True, text=True, timeout=30)
+    match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out.stdout)
+    if out.returncode != 0 or not match:
+        raise UsageError(f"{' '.join(prefix)} --version failed: {out.stderr.strip() or out.stdout.strip()}")
+    version = match[1]
+    if tuple(int(x) for x in version.split(".")[:2]) < (7, 2):
+        raise UsageError(f"L0 QEMU {version} is too old; the rig needs 7.2 or newer (edu, intel-iommu "
+                         "intremap). Use --l0-qemu trixie.")
+    return prefix, version
+
+
+class Rig:
+    """One run's L1 and L2, their processes, logs and ports."""
+
+    def __init__(self, config: RigConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.log_dir = run_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.layout = Layout.for_l2(config.l2_mem_mib, STATE_REGION_MIB + (
+            0 if config.shared_ram else config.l2_mem_mib + 64))
+        self.accel = accel_mod.choose(config.accel)
+        self.devices: list[PassthroughDevice] = [self._device(name) for name in config.devices]
+        self.l0_prefix, self.l0_version = l0_qemu(config.l0_qemu)
+        self.artifacts: Artifacts | None = None
+        self.l1: Machine | None = None
+        self.l2: L2 | None = None
+        self.l2_generation = 0
+        self.l2_consoles: list = []
+        self.ports = {"qmp": [free_port(), free_port()], "console": [free_port(), free_port()]}
+        self.timings: dict[str, float] = {}
+
+    def _device(self, name: str) -> PassthroughDevice:
+        if name not in DEVICE_CLASSES:
+            raise UsageError(f"Unknown device '{name}'. Known devices: {', '.join(DEVICE_CLASSES)}.")
+        device = DEVICE_CLASSES[name]()
+        if name == "nvme":
+            device.backing = self.run_dir / "nvme.img"
+        return device
+
+    # -- L1 --------------------------------------------------------------------------------
+    def l1_cmdline(self, with_memmap: bool = True) -> str:
+        parts = ["console=ttyS0,115200", "intel_iommu=on", "iommu=pt", "panic=0", "mitigations=off"]
+        if with_memmap:
+            parts.append(self.layout.memmap())
+        return " ".join(parts)
+
+    def l1_args(self, boot_img: Path) -> list[str]:
+        forwards = {self.ports["qmp"][i]: L1_QMP_PORTS[i] for i in range(2)}
+        forwards |= {self.ports["console"][i]: L1_CONSOLE_PORTS[i] for i in range(2)}
+        parts = [IntelIommu(), *self.devices,
+                 VirtioDisk(self.artifacts.userspace.image, "fr-usr"), VirtioDisk(boot_img, "fr-boot"),
+                 UserNet(forwards)]
+        args = ["-name", "l1", "-machine", "q35,kernel-irqchip=split", *self.accel.args,
+                "-smp", str(self.config.l1_cpus), "-m", f"{self.layout.l1_mem_mib}M",
+                "-nodefaults", "-no-user-config", "-display", "none",
+                "-kernel", str(self.artifacts.kernel_from.image), "-initrd", str(self.artifacts.initrd_from),
+                "-append", self.l1_cmdline()]
+        for part in parts:
+            args += part.args()
+        return args
+
+    def boot_l1(self, timeout: float = 180) -> dict:
+        """Start L1 and wait for its init; returns boot facts."""
+        self.artifacts = self.artifacts or prepare_artifacts(self.config)
+        boot_img = images.boot_disk(self.run_dir, self.artifacts.boot_files())
+        for device in self.devices:
+            if getattr(device, "backing", None) is not None and not device.backing.exists():
+                with device.backing.open("wb") as scratch:
+                    scratch.truncate(device.size_mib * MIB)
+        started = time.monotonic()
+        self.l1 = Machine("l1", self.l0_prefix, self.l1_args(boot_img), self.log_dir)
+        self.l1.launch()
+        match = self.l1.console.expect(READY_L1, fail=r"fastrestart-l1: no userspace disk", timeout=timeout,
+                                       step="boot-l1")
+        self.l1.console.sync()
+        return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1))}
+
+    @property
+    def sh(self):
+        """L1's console."""
+        return self.l1.console
+
+    def l1_facts(self) -> dict:
+        out = self.sh.check("uname -r; cat /proc/sys/kernel/random/boot_id", step="l1-facts").split("\n")
+        return {"release": out[0].strip(), "boot_id": out[1].strip()}
+
+    def iommu_state(self) -> dict:
+        """DMAR and interrupt remapping, from L1's kernel log."""
+        _, log = self.sh.run("dmesg | grep -iE 'DMAR|IOMMU|remapping' | head -40")
+        return {"dmar": bool(re.search(r"DMAR: (IOMMU enabled|Intel\(R\) Virtualization)", log)),
+                "irq_remapping": "Enabled IRQ remapping" in log, "log": log}
+
+    # -- PMEM ------------------------------------------------------------------------------
+    def _region(self, offset_mib: int) -> str:
+        out = self.sh.check("for r in /sys/bus/nd/devices/region*; do echo $r $(cat $r/resource); done",
+                            step="reserve")
+        for line in out.splitlines():
+            path, _, resource = line.partition(" ")
+            if resource.strip() and int(resource, 16) == offset_mib * MIB:
+                return path.rsplit("/", 1)[1]
+        raise StepError("reserve", f"no PMEM region at {offset_mib} MiB: the memmap= reservation is missing",
+                        {"regions": out, "cmdline": self.sh.run("cat /proc/cmdline")[1]})
+
+    def _namespace_devices(self, region: str) -> str:
+        return self.sh.check(f"ls /sys/bus/nd/devices/{region}/ /sys/bus/nd/devices/ 2>/dev/null | tr '\\n' ' '",
+                             step="reserve")
+
+    def ram_backend_kind(self) -> str:
+        kind = self.config.ram_backend
+        if kind == "auto":
+            kind = "devdax" if self.devices else "fsdax"
+        return kind
+
+    def setup_pmem(self, fresh: bool) -> dict:
+        """Make the RAM region devdax (or fsdax with a file) and mount the state region.
+
+        ``fresh`` formats them (first boot); after a kexec they must come back as they were.
+        """
+        kind = self.ram_backend_kind()
+        ram_region, state_region = self._region(self.layout.ram_offset_mib), self._region(self.layout.state_offset_mib)
+        ram_ns, state_ns = f"namespace{ram_region[6:]}.0", f"namespace{state_region[6:]}.0"
+        facts: dict = {"ram_region": ram_region, "state_region": state_region, "backend": kind}
+        if kind == "devdax":
+            if fresh:
+                self.sh.check(f"chroot /sysroot ndctl create-namespace -f -e {ram_ns} --mode=devdax --align=2M",
+                              timeout=120, step="prepare")
+            dax = self.sh.check(f"ls /sys/bus/dax/devices/ 2>/dev/null | grep '^dax{ram_region[6:]}\\.' | head -1",
+                                step="reserve").strip()
+            if not dax or self.sh.run(f"test -c /dev/{dax}")[0] != 0:
+                raise StepError("reserve", f"device-DAX node for {ram_ns} is missing",
+                                {"namespaces": self.sh.run("chroot /sysroot ndctl list -N")[1]})
+            facts["ram_path"] = f"/dev/{dax}"
+        elif kind == "fsdax":
+            block = self._pmem_block(ram_ns)
+            if fresh:
+                self.sh.check(f"chroot /sysroot mkfs.ext4 -q -F -b 4096 {block}", timeout=120, step="prepare")
+            self.sh.check(f"mount -o dax {block} /sysroot/mnt/ram", step="reserve")
+            facts["ram_path"] = "/mnt/ram/l2-ram"
+        else:
+            facts["ram_path"] = ""
+        block = self._pmem_block(state_ns)
+        if fresh:
+            self.sh.check(f"chroot /sysroot mkfs.ext4 -q -F -b 4096 {block}", timeout=120, step="prepare")
+        self.sh.check(f"mount -o dax {block} /sysroot/mnt/state && mkdir -p {STATE_DIR}/logs", step="reserve")
+        facts["state_block"] = block
+        return facts
+
+    def _pmem_block(self, namespace: str) -> str:
+        name = self.sh.check(f"cat /sys/bus/nd/devices/{namespace}/block/*/uevent 2>/dev/null | "
+                             f"sed -n 's/^DEVNAME=//p' | head -1", step="reserve").strip()
+        if not name:
+            name = self.sh.check(f"ls /sys/bus/nd/devices/{namespace}/block/ | head -1", step="reserve").strip()
+        if not name:
+            raise StepError("reserve", f"{namespace} has no pmem block device",
+                            {"nd": self.sh.run("ls -l /sys/bus/nd/devices/")[1]})
+        return f"/dev/{name}"
+
+    # -- devices ---------------------------------------------------------------------------
+    def bind_vfio(self) -> dict:
+        """Give every assigned device to vfio-pci (no native driver may claim it)."""
+        drivers = {}
+        for device in self.devices:
+            bdf = device.l1_bdf
+            self.sh.check(
+                f"echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override && "
+                f"{{ [ -e /sys/bus/pci/devices/{bdf}/driver ] && echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; "
+                f"echo {bdf} > /sys/bus/pci/drivers_probe; }}", step="enumerate")
+            drivers[device.name] = self.device_driver(device)
+        return drivers
+
+    def device_driver(self, device: PassthroughDevice) -> str:
+        out = self.sh.run(f"basename $(readlink /sys/bus/pci/devices/{device.l1_bdf}/driver) 2>/dev/null")[1]
+        return out.strip() or "none"
+
+    # -- L2 --------------------------------------------------------------------------------
+    def l2_spec(self, ram_path: str, allow_s3: bool, aux_ram_share: bool, memfd: bool = False) -> L2Spec:
+        kind = "memfd" if memfd else self.ram_backend_kind() if self.config.shared_ram else "ram"
+        vfio = [VfioPci(d.name, d.l1_bdf, i) for i, d in enumerate(self.devices)]
+        return L2Spec(RamBackend(kind, self.config.l2_mem_mib, ram_path), vfio=vfio, allow_s3=allow_s3,
+                      aux_ram_share=aux_ram_share)
+
+    def start_l2(self, spec: L2Spec, incoming: list[str] | None = None, plug_vfio: bool = True,
+                 wait_ready: bool = True, timeout: float = 120) -> L2:
+        """Start an L2 QEMU generation in L1 and connect its console and QMP from L0."""
+        ports = self.l2_generation % 2
+        log = f"{STATE_DIR}/logs/l2-qemu-{self.l2_generation}.log"
+        if spec.ram.kind == "fsdax":
+            self.sh.check(f"[ -e {spec.ram.path} ] || {{ chroot /sysroot truncate -s {spec.ram.size_mib}M "
+                          f"{spec.ram.path}; }}", step="start-l2")
+        args = spec.args(ports=ports, incoming=incoming, plug_vfio=plug_vfio)
+        (self.log_dir / f"l2-qemu-{self.l2_generation}.cmdline").write_text(" ".join(args) + "\n")
+        pid = parse_pid(self.sh.check(start_command("qemu-system-x86_64", args, log), step="start-l2"))
+        console_log = (self.log_dir / "l2-console.log").open("ab", buffering=0)
+        l2 = L2(self.l2_generation, pid, ports, console_log, self.log_dir)
+        self.l2_generation += 1
+        try:
+            l2.connect(self.ports["console"][ports], self.ports["qmp"][ports], timeout=timeout,
+                       qmp=incoming is None or "defer" in incoming)
+        except Exception as exc:
+            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}",
+                            {"l2 qemu log": self.sh.run(f"tail -20 {log}")[1]}) from exc
+        self.l2_consoles.append(l2.console)
+        if wait_ready:
+            l2.console.expect(READY_L2, timeout=timeout, step="boot-l2")
+            l2.console.sync()
+        return l2
+
+    def l2_qemu_alive(self, pid: int) -> bool:
+        return self.sh.run(f"kill -0 {pid}")[0] == 0
+
+    def collect_l1_logs(self) -> None:
+        """Copy L2 QEMU's stderr logs (kept on the state region) from L1 into the run directory."""
+        if not (self.l1 and self.l1.is_running()):
+            return
+        with contextlib.suppress(Exception):
+            rc, names = self.sh.run(f"ls {STATE_DIR}/logs/ 2>/dev/null", timeout=10)
+            for name in names.split():
+                rc, text = self.sh.run(f"cat {STATE_DIR}/logs/{name}", timeout=20)
+                (self.log_dir / name).write_text(text + "\n")
+            rc, dmesg = self.sh.run("dmesg", timeout=20)
+            (self.log_dir / "l1-dmesg.log").write_text(dmesg + "\n")
+
+    def write_console_timings(self) -> None:
+        """Every console command with its duration: where a run's wall time goes."""
+        consoles = [c for c in (self.l1 and self.l1.console, *self.l2_consoles) if c]
+        rows = sorted((start, seconds, rc, console.name, cmd) for console in consoles
+                      for start, seconds, rc, cmd in console.history)
+        with (self.log_dir / "console-timing.tsv").open("a") as out:
+            for start, seconds, rc, name, cmd in rows:
+                out.write(f"{start:.3f}\t{seconds:.3f}\t{rc}\t{name}\t{cmd[:200]}\n")
+
+    def close(self) -> None:
+        """Tear everything down; never raises. Logs stay in the run directory."""
+        with contextlib.suppress(Exception):
+            self.write_console_timings()
+        self.collect_l1_logs()
+        if self.l2:
+            self.l2.close()
+        if self.l1:
+            self.l1.shutdown()
+        with contextlib.suppress(OSError):
+            for device in self.devices:
+                if getattr(device, "backing", None) is not None:
+                    device.backing.unlink(missing_ok=True)
+        (self.log_dir / "ports.json").write_text(json.dumps(self.ports))
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""Real restarts: real QEMU, real kernels, real kexec, real L1 and L2.
+
+Each test is one cell run end to end through the same code path as `fastrestart run`, so the
+suite proves the product, and each injected fault proves that the check made to catch it can
+fail (and that the checks it cannot reach still pass).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.runner import Cell, run_cell
+
+pytestmark = pytest.mark.vm
+
+
+def run(tmp_path, **cell) -> dict:
+    result = run_cell(Cell(**cell), tmp_path / "run")
+    print(f"{result['cell']}: {result['verdict']} {result['reason']} (logs: {tmp_path / 'run' / 'logs'})")
+    return result
+
+
+def checks(result: dict) -> dict[str, str]:
+    return {name: check["verdict"] for name, check in result["checks"].items()}
+
+
+def test_default_cell_passes_and_is_the_same_guest(tmp_path):
+    result = run(tmp_path)
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert result["mode"] == "cpr-reboot"
+    assert checks(result) == {"liveness": "PASS", "memory": "PASS", "dma": "PASS", "interrupts": "PASS"}
+    # The host really restarted: a new L1 boot_id, into the kernel we asked for.
+    boot_ids = result["l1"]["boot_ids"]
+    assert len(boot_ids) == 2 and boot_ids[0] != boot_ids[1]
+    assert result["l1"]["kernel_to"] == result["l1"]["kernel_from"]
+    # ...and the guest did not: one L2 boot_id, its counter carried on.
+    assert len(result["l2"]["boot_ids"]) == 1
+    live = result["checks"]["liveness"]["evidence"]["cycles"][0]
+    assert live["counter_after"] >= live["counter_before"] > 0
+    # The checks did real work.
+    memory = result["checks"]["memory"]["evidence"]
+    assert memory["pages_checked"] > 10_000 and memory["writer_writes"] > 0
+    dma = result["checks"]["dma"]["evidence"]
+    assert dma["edu"]["transfers"] > 0 and dma["nvme"]["blocks_checked"] > 0
+    irqs = result["checks"]["interrupts"]["evidence"]
+    assert irqs["edu"]["irq_expected"] == irqs["edu"]["irq_received"] > 0
+    assert irqs["nvme"]["ios_submitted"] == irqs["nvme"]["ios_completed"] > 0
+    assert result["downtime_s"]["qmp"] > 0 and result["downtime_s"]["guest"] is not None
+    assert all(result["phases"][p] > 0 for p in ("save", "kexec", "boot", "restore", "resume"))
+
+
+@pytest.mark.parametrize(("fault", "check"), [
+    ("mem-flip", "memory"),
+    ("dma-corrupt", "dma"),
+    ("irq-drop", "interrupts"),
+])
+def test_injected_fault_is_caught_by_its_check_only(tmp_path, fault, check):
+    result = run(tmp_path, inject=fault)
+    assert result["verdict"] == "FAIL", result["reason"] or result["error"]
+    verdicts = checks(result)
+    assert verdicts[check] == "FAIL", result["checks"][check]
+    others = {name: state for name, state in verdicts.items() if name != check}
+    assert set(others.values()) == {"PASS"}, others
+
+
+def test_memory_lost_across_kexec_is_a_memory_fail(tmp_path):
+    result = run(tmp_path, inject="mem-lost")
+    assert result["verdict"] == "FAIL"
+    assert result["checks"]["memory"]["verdict"] == "FAIL"
+    assert "PMEM" in result["checks"]["memory"]["reason"]
+    # What could not run is never reported as a pass.
+    assert result["checks"]["dma"]["verdict"] == "NOT_RUN"
+
+
+def test_cpr_reboot_on_qemu_7_2_is_unsupported_without_booting(tmp_path):
+    result = run(tmp_path, l1_qemu="bookworm", mode="cpr-reboot")
+    assert result["verdict"] == "UNSUPPORTED"
+    assert "7.2" in result["reason"]
+    assert result["wall_s"] < 120 and result["l1"]["boot_ids"] == []
+
+
+def test_forced_fsdax_with_assigned_devices_is_unsupported(tmp_path):
+    result = run(tmp_path, ram_backend="fsdax")
+    assert result["verdict"] == "UNSUPPORTED"
+    assert "fsdax" in result["reason"] and "VFIO" in result["reason"]
+
+
+def test_ignore_shared_without_devices_on_fsdax(tmp_path):
+    result = run(tmp_path, devices=(), mode="ignore-shared", mem_check_mib=32)
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert checks(result)["dma"] == "UNSUPPORTED"
+    assert result["per_cycle"][0]["evidence"]["save"]["state_bytes"] < 16 << 20  # RAM was not copied
