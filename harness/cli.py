@@ -49,7 +49,8 @@ def _cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to-kernel", help="kernel to kexec into (default: the same kernel)")
     parser.add_argument("--l2-kernel", default="debian:trixie", help="L2 guest kernel spec")
     parser.add_argument("--l1-qemu", default="trixie", help="QEMU in L1: bookworm (7.2), trixie (10.0), sid (11.x)")
-    parser.add_argument("--l0-qemu", help="QEMU on L0: auto (default: system if >= 9.0, else trixie), system, trixie or sid")
+    parser.add_argument("--l0-qemu",
+                        help="QEMU on L0: auto (default: system if >= 9.0, else trixie), system, trixie or sid")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator for L1 (default: detect)")
     parser.add_argument("--devices", default="edu,nvme", help="assigned devices, comma separated, or 'none'")
     parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
@@ -184,7 +185,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     from .matrix import run_matrix
 
-    return run_matrix(Path(args.matrix), Path(args.results or Path("results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"),
+    out = Path(args.results or Path("results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}")
+    return run_matrix(Path(args.matrix), out,
                       parallel=args.parallel, only=args.only)
 
 

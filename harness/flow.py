@@ -346,7 +346,8 @@ class Flow:
         lives = [c["liveness"] for c in self.cycles if "liveness" in c]
         if lives:
             failed = next((lv for lv in lives if lv["verdict"] != "PASS"), None)
-            verdicts["liveness"] = failed or {"verdict": "PASS", "evidence": {"cycles": [lv["evidence"] for lv in lives]}}
+            passed = {"verdict": "PASS", "evidence": {"cycles": [lv["evidence"] for lv in lives]}}
+            verdicts["liveness"] = failed or passed
         verify = self.verify_record.get("evidence", {}).get("verify", {})
         verdicts.update(verify.get("checks", {}))
         return verdicts

@@ -69,15 +69,32 @@ def _check_cell(cell: object, where: str) -> dict:
     return cell
 
 
+class _MuxLoader(yaml.SafeLoader):
+    """Reads avocado's yaml-to-mux files too: ``!mux`` marks a mapping whose children are variants."""
+
+
+_MuxLoader.add_constructor("!mux", lambda loader, node: loader.construct_mapping(node, deep=True))
+
+
+def _from_mux(data: dict) -> dict:
+    """The avocado varianter form (``cells: !mux`` of name -> parameters, with the parameters that
+    all cells share on the mux node itself) to the list form."""
+    shared = {k: v for k, v in data["cells"].items() if not isinstance(v, dict)}
+    cells = [{"name": name, **params} for name, params in data["cells"].items() if isinstance(params, dict)]
+    return {"defaults": {**(data.get("defaults") or {}), **shared}, "cells": cells}
+
+
 def load_matrix(path: Path) -> list[dict]:
     """Read a matrix file and return its cells, `defaults:` applied. Raise UsageError on a bad file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_MuxLoader)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the matrix: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("cells"), dict):
+        data = _from_mux(data)
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not data["cells"]:
         raise UsageError(f"{path}: a matrix needs a non-empty 'cells:' list")
     defaults = data.get("defaults") or {}

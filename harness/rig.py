@@ -332,7 +332,8 @@ class Rig:
             bdf = device.l1_bdf
             self.sh.check(
                 f"echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override && "
-                f"{{ [ -e /sys/bus/pci/devices/{bdf}/driver ] && echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; "
+                f"{{ [ -e /sys/bus/pci/devices/{bdf}/driver ] && "
+                f"echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; "
                 f"echo {bdf} > /sys/bus/pci/drivers_probe; }}", step="enumerate")
             drivers[device.name] = self.device_driver(device)
         return drivers
@@ -382,11 +383,11 @@ class Rig:
         if not (self.l1 and self.l1.is_running()):
             return
         with contextlib.suppress(Exception):
-            rc, names = self.sh.run(f"ls {STATE_DIR}/logs/ 2>/dev/null", timeout=10)
+            _, names = self.sh.run(f"ls {STATE_DIR}/logs/ 2>/dev/null", timeout=10)
             for name in names.split():
-                rc, text = self.sh.run(f"cat {STATE_DIR}/logs/{name}", timeout=20)
+                _, text = self.sh.run(f"cat {STATE_DIR}/logs/{name}", timeout=20)
                 (self.log_dir / name).write_text(text + "\n")
-            rc, dmesg = self.sh.run("dmesg", timeout=20)
+            _, dmesg = self.sh.run("dmesg", timeout=20)
             (self.log_dir / "l1-dmesg.log").write_text(dmesg + "\n")
 
     def write_console_timings(self) -> None:

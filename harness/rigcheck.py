@@ -61,8 +61,9 @@ def rig_check(cell: Cell, run_dir: Path, progress: Callable[[str], None]) -> dic
                 bdf = seen[device.name]
                 l2_driver = rig.l2.console.run(
                     f"basename $(readlink /sys/bus/pci/devices/{bdf}/driver) 2>/dev/null")[1].strip() or "none"
-                report["devices"].append({"name": device.name, "l1_bdf": device.l1_bdf, "l1_driver": drivers[device.name],
-                                          "l2_bdf": bdf, "vendor_device": device.vendor_device, "l2_driver": l2_driver})
+                report["devices"].append({"name": device.name, "vendor_device": device.vendor_device,
+                                          "l1_bdf": device.l1_bdf, "l1_driver": drivers[device.name],
+                                          "l2_bdf": bdf, "l2_driver": l2_driver})
             report["ok"] = bool(iommu["dmar"] and iommu["irq_remapping"] and pmem.get("ram_path") is not None
                                 and all(d["l1_driver"] == "vfio-pci" for d in report["devices"]))
     except Exception as exc:

@@ -732,11 +732,13 @@ class TestUio:
         qmp.connect()
         try:
             # Backgrounded with a delay so the shell's marker is read before the console sleeps.
-            uio_vm.check("(sleep 1; echo mem > /sys/power/state) >/dev/null 2>&1 &")
+            uio_vm.check("(sleep 1; echo mem > /sys/power/state) >/dev/null 2>&1 & true")
             suspended = False
             deadline = time.monotonic() + 60
             while not suspended and time.monotonic() < deadline:
-                ev = qmp.pull_event(wait=1.0)
+                ev = None
+                with contextlib.suppress(TimeoutError):  # pull_event raises when nothing came
+                    ev = qmp.pull_event(wait=1.0)
                 suspended = ev is not None and ev.get("event") == "SUSPEND"
                 if not suspended:
                     suspended = qmp.cmd("query-status")["status"] == "suspended"

@@ -149,7 +149,7 @@ def test_cpr_reboot_on_qemu_7_2_names_the_version():
 
 
 def test_cpr_transfer_with_vfio_needs_10_1():
-    with pytest.raises(Unsupported, match="10.1"):
+    with pytest.raises(Unsupported, match=r"10\.1"):
         modes.choose("cpr-transfer", _caps("10.0.13"), ["edu"], "devdax", True)
     assert modes.choose("cpr-transfer", _caps("11.1.3"), ["edu"], "devdax", True).name == "cpr-transfer"
 
@@ -217,7 +217,8 @@ def test_dma_and_interrupt_verdicts():
 L1_DMESG = """\
 [    2.921837] DMAR: dmar0: Using Queued invalidation
 [   41.204467] DMAR: DRHD: handling fault status reg 2
-[   41.204994] DMAR: [DMA Read NO_PASID] Request device [00:04.0] fault addr 0xb653000 [fault reason 0x06] PTE Read access is not set
+[   41.204994] DMAR: [DMA Read NO_PASID] Request device [00:04.0] fault addr 0xb653000 [fault reason 0x06] \
+PTE Read access is not set
 [   41.300000] DMAR-IR: IRQ remapping was enabled on dmar0 but we are not in kdump mode
 """
 L2_DMESG = """\
@@ -286,9 +287,8 @@ def test_console_run_returns_rc_and_output(console):
 def test_console_panic_fails_at_once(tmp_path):
     ours, theirs = socket.socketpair()
     FakeShell(theirs, panic=True).start()
-    with (tmp_path / "log").open("wb") as log:
-        with pytest.raises(GuestPanic, match="Attempted to kill init"):
-            Console("fake", ours, log).run("true", timeout=20)
+    with (tmp_path / "log").open("wb") as log, pytest.raises(GuestPanic, match="Attempted to kill init"):
+        Console("fake", ours, log).run("true", timeout=20)
 
 
 # -- command line -------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Teardown always happens: no QEMU outlives the harness, whatever ends it, and logs are kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def qemu_pids_for(marker: Path) -> list[int]:
+    """PIDs of qemu-system processes whose command line mentions ``marker`` (our run directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and str(marker) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--results", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+def wait_for_qemu(tmp_path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not qemu_pids_for(tmp_path) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    assert qemu_pids_for(tmp_path), "L1's QEMU never started"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_boot_leaves_no_qemu_and_keeps_logs(tmp_path, sig):
+    proc = start(tmp_path, "rig", "check")
+    wait_for_qemu(tmp_path, proc)
+    time.sleep(3)  # mid-boot
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, output
+    deadline = time.monotonic() + 10
+    while qemu_pids_for(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_pids_for(tmp_path) == []
+    console = tmp_path / "run" / "logs" / "l1-console.log"
+    assert console.exists() and console.stat().st_size > 0
+
+
+def test_killed_harness_takes_its_vms_with_it(tmp_path):
+    proc = start(tmp_path, "rig", "check")
+    wait_for_qemu(tmp_path, proc)
+    os.kill(proc.pid, signal.SIGKILL)  # no handler, no finally: only PR_SET_PDEATHSIG is left
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while qemu_pids_for(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_pids_for(tmp_path) == []
+
+
+def test_rig_check_reports_every_part(tmp_path):
+    out = tmp_path / "rig.json"
+    proc = start(tmp_path, "rig", "check", "--json", str(out))
+    output, _ = proc.communicate(timeout=900)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0, output
+    assert report["ok"] and report["iommu"] == {"dmar": True, "irq_remapping": True}
+    assert report["accel"]["name"] in ("kvm", "tcg") and report["accel"]["reason"]
+    assert {d["name"]: (d["l1_driver"], d["vendor_device"]) for d in report["devices"]} == {
+        "edu": ("vfio-pci", "1234:11e8"), "nvme": ("vfio-pci", "1b36:0010")}
+    assert {d["name"]: d["l2_driver"] for d in report["devices"]}["nvme"] == "nvme"
+    assert report["pmem"]["ram_path"].startswith("/dev/dax")
+    assert qemu_pids_for(tmp_path) == []
