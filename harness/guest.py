@@ -83,11 +83,14 @@ class L2Spec:
     cpus: int = 1
 
     def args(self, ports: int = 0, incoming: list[str] | None = None, plug_vfio: bool = True) -> list[str]:
+        # A first boot waits for the console client so that no boot message is lost; an incoming
+        # QEMU must not wait (cpr-transfer creates chardevs only once the old QEMU has connected).
         machine = _props("q35", memory_backend="mem", aux_ram_share=True if self.aux_ram_share else None)
         args = ["-name", "l2", "-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(self.cpus),
                 "-m", f"{self.ram.size_mib}M", "-nodefaults", "-no-user-config", "-display", "none",
                 *self.ram.args(), "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
-                "-chardev", f"socket,id=con0,host=0.0.0.0,port={L1_CONSOLE_PORTS[ports]},server=on,wait=on",
+                "-chardev", f"socket,id=con0,host=0.0.0.0,port={L1_CONSOLE_PORTS[ports]},server=on,"
+                            f"wait={'off' if incoming else 'on'}",
                 "-serial", "chardev:con0",
                 "-qmp", f"tcp:0.0.0.0:{L1_QMP_PORTS[ports]},server=on,wait=off"]
         if self.allow_s3:
@@ -110,12 +113,12 @@ class L2:
         self.run_dir = run_dir
         self.console: Console | None = None
         self.qmp: Qmp | None = None
+        self.log_path = ""
 
-    def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60, qmp: bool = True) -> None:
+    def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60) -> None:
         sock = connect_tcp(l0_console_port, timeout)
         self.console = Console(f"l2[{self.generation}]", sock, self.log)
-        if qmp:
-            self.connect_qmp(l0_qmp_port, timeout)
+        self.connect_qmp(l0_qmp_port, timeout)
 
     def connect_qmp(self, l0_qmp_port: int, timeout: float = 60) -> None:
         self.qmp = Qmp(("127.0.0.1", l0_qmp_port), self.run_dir / "qmp-transcript.jsonl",

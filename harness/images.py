@@ -185,6 +185,17 @@ class Userspace:
     qemu_version: str
     tree: Path
 
+    def qemu_env(self) -> dict[str, str]:
+        """Debian builds some accelerators and devices as modules, found through this variable."""
+        return {"QEMU_MODULE_DIR": str(self.tree / "usr/lib/x86_64-linux-gnu/qemu")}
+
+    def qemu_command(self) -> list[str]:
+        """Run this tree's QEMU on L0 through the tree's own loader and libraries."""
+        libs = ":".join(str(self.tree / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"))
+        return [str(self.tree / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"), "--library-path", libs,
+                str(self.tree / "usr/bin/qemu-system-x86_64"), "-L", str(self.tree / "usr/share/qemu"),
+                "-L", str(self.tree / "usr/share/seabios")]
+
 
 def _deb_version(debs: list[Path], package: str) -> str:
     deb = next(d for d in debs if d.name.startswith(f"{package}_"))

@@ -202,7 +202,9 @@ class CprTransfer(Mode):
         old = flow.l2
         main, cpr = self.channels()
         flow.rig.sh.check("rm -f /sysroot/run/cpr-*.sock", step="save")
-        new = flow.start_l2(incoming=[json.dumps(main), json.dumps(cpr)], connect_qmp=False)
+        # The new QEMU blocks on the cpr channel before it creates its chardevs: it is reached
+        # only once the old one has handed over.
+        new = flow.start_l2(incoming=[json.dumps(main), json.dumps(cpr)], connect=False)
         old.qmp.cmd("migrate-set-parameters", step="save", mode="cpr-transfer")
         old.qmp.cmd("migrate", step="save", channels=[main, cpr])
         info = old.qmp.wait_migration(timeout=300, step="save")
@@ -212,7 +214,7 @@ class CprTransfer(Mode):
                 "ram_transferred": info.get("ram", {}).get("transferred")}
 
     def restore(self, flow):
-        flow.l2.connect_qmp(flow.rig.ports["qmp"][flow.l2.ports])
+        flow.rig.connect_l2(flow.l2)
         info = flow.l2.qmp.wait_migration(timeout=120, step="restore")
         return {"migration": info.get("status"),
                 "runstate": flow.l2.qmp.cmd("query-status", step="restore")["status"]}

@@ -9,6 +9,7 @@ added it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,11 @@ class QemuCaps:
         return since is not None and self.version_tuple >= since
 
 
-def _qmp_session(command: list[str], requests: list[dict], timeout: float = 60) -> list[dict]:
+def _qmp_session(command: list[str], requests: list[dict], env: dict[str, str], timeout: float = 60) -> list[dict]:
     stdin = "\n".join(json.dumps(r) for r in [{"execute": "qmp_capabilities"}, *requests,
                                                {"execute": "quit"}]) + "\n"
     proc = subprocess.run([*command, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
-                          input=stdin, capture_output=True, text=True, timeout=timeout)
+                          input=stdin, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
     replies = []
     for line in proc.stdout.splitlines():
         try:
@@ -76,14 +77,12 @@ def qemu_caps(userspace: Userspace) -> QemuCaps:
     cached = cache_dir() / "probes" / f"qemu-{content_key(str(userspace.image), userspace.qemu_version)}.json"
     if cached.exists():
         return QemuCaps(**json.loads(cached.read_text()))
-    tree = userspace.tree
-    libs = ":".join(str(tree / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"))
-    command = [str(tree / "usr/lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
-               str(tree / "usr/bin/qemu-system-x86_64"), "-L", str(tree / "usr/share/qemu")]
+    command = userspace.qemu_command()
     replies = _qmp_session(command, [{"execute": "query-qmp-schema"}, {"execute": "query-migrate-capabilities"},
-                                     {"execute": "query-machines"}])
+                                     {"execute": "query-machines"}], userspace.qemu_env())
     if len(replies) != 3 or any("error" in r for r in replies):
-        raise UsageError(f"QEMU {userspace.qemu_version} in {tree} did not answer the capability probe: {replies}")
+        raise UsageError(f"QEMU {userspace.qemu_version} did not answer the capability probe: {replies}"
+                         f" (from {userspace.tree})")
     result = caps_from_replies(userspace.qemu_version, *replies)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result.__dict__, indent=1))

@@ -40,6 +40,8 @@ L1_OWN_MIB = 1024
 LOWMEM_LIMIT_MIB = 2816  # q35 splits RAM at 2 GiB once it reaches 2.75 GiB
 READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
 READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
+# Deadlines, not expectations: under TCG on 2 shared cores a boot can take several times longer.
+BOOT_DEADLINE_S = 300
 
 
 @dataclass(frozen=True)
@@ -161,11 +163,8 @@ def l0_qemu(spec: str | None) -> tuple[list[str], str]:
                              "`apt-get install qemu-system-x86`, or use --l0-qemu trixie|sid.")
         prefix = [binary]
     else:
-        tree = images.l1_userspace(spec).tree
-        libs = ":".join(str(tree / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"))
-        prefix = [str(tree / "usr/lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
-                  str(tree / "usr/bin/qemu-system-x86_64"), "-L", str(tree / "usr/share/qemu"),
-                  "-L", str(tree / "usr/share/seabios")]
+        userspace = images.l1_userspace(spec)
+        prefix = ["env", *(f"{k}={v}" for k, v in userspace.qemu_env().items()), *userspace.qemu_command()]
     out = subprocess.run([*prefix, "--version"], capture_output=True, text=True, timeout=30)
     match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out.stdout)
     if out.returncode != 0 or not match:
@@ -228,7 +227,7 @@ class Rig:
             args += part.args()
         return args
 
-    def boot_l1(self, timeout: float = 180) -> dict:
+    def boot_l1(self, timeout: float = BOOT_DEADLINE_S) -> dict:
         """Start L1 and wait for its init; returns boot facts."""
         self.artifacts = self.artifacts or prepare_artifacts(self.config)
         boot_img = images.boot_disk(self.run_dir, self.artifacts.boot_files())
@@ -261,12 +260,12 @@ class Rig:
 
     # -- PMEM ------------------------------------------------------------------------------
     def _region(self, offset_mib: int) -> str:
-        out = self.sh.check("for r in /sys/bus/nd/devices/region*; do echo $r $(cat $r/resource); done",
-                            step="reserve")
+        out = self.sh.check("for r in /sys/bus/nd/devices/region*/resource; do [ -e $r ] && echo $r $(cat $r); done; "
+                            "true", step="reserve")
         for line in out.splitlines():
             path, _, resource = line.partition(" ")
-            if resource.strip() and int(resource, 16) == offset_mib * MIB:
-                return path.rsplit("/", 1)[1]
+            if re.fullmatch(r"0x[0-9a-f]+", resource.strip()) and int(resource, 16) == offset_mib * MIB:
+                return path.split("/")[-2]
         raise StepError("reserve", f"no PMEM region at {offset_mib} MiB: the memmap= reservation is missing",
                         {"regions": out, "cmdline": self.sh.run("cat /proc/cmdline")[1]})
 
@@ -350,7 +349,7 @@ class Rig:
                       aux_ram_share=aux_ram_share)
 
     def start_l2(self, spec: L2Spec, incoming: list[str] | None = None, plug_vfio: bool = True,
-                 wait_ready: bool = True, timeout: float = 120) -> L2:
+                 wait_ready: bool = True, connect: bool = True, timeout: float = BOOT_DEADLINE_S) -> L2:
         """Start an L2 QEMU generation in L1 and connect its console and QMP from L0."""
         ports = self.l2_generation % 2
         log = f"{STATE_DIR}/logs/l2-qemu-{self.l2_generation}.log"
@@ -363,17 +362,23 @@ class Rig:
         console_log = (self.log_dir / "l2-console.log").open("ab", buffering=0)
         l2 = L2(self.l2_generation, pid, ports, console_log, self.log_dir)
         self.l2_generation += 1
-        try:
-            l2.connect(self.ports["console"][ports], self.ports["qmp"][ports], timeout=timeout,
-                       qmp=incoming is None or "defer" in incoming)
-        except Exception as exc:
-            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}",
-                            {"l2 qemu log": self.sh.run(f"tail -20 {log}")[1]}) from exc
-        self.l2_consoles.append(l2.console)
+        l2.log_path = log
+        if connect:
+            self.connect_l2(l2, timeout)
         if wait_ready:
             l2.console.expect(READY_L2, timeout=timeout, step="boot-l2")
             l2.console.sync()
         return l2
+
+    def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S) -> None:
+        """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports)."""
+        try:
+            l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout)
+        except Exception as exc:
+            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}",
+                            {"l2 qemu log": self.sh.run(f"tail -20 {l2.log_path}")[1],
+                             "alive": self.l2_qemu_alive(l2.pid)}) from exc
+        self.l2_consoles.append(l2.console)
 
     def l2_qemu_alive(self, pid: int) -> bool:
         return self.sh.run(f"kill -0 {pid}")[0] == 0

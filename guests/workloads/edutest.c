@@ -61,7 +61,16 @@
  *   pci_reenable_device.)
  *   Interrupt deadlines use CLOCK_MONOTONIC, which stops while the guest is
  *   suspended (and, with kvmclock/TCG, while the VM is paused); a wait that a
- *   detected suspend interrupted gets one fresh full timeout.
+ *   detected suspend interrupted gets one fresh full timeout. If that also
+ *   expires in INTx mode while edu's irq status shows the interrupt raised
+ *   and INTx Disable is clear, the S3 cycle swallowed it: QEMU's wake-up
+ *   resets every device (pc_machine_wakeup), which drops an asserted INTx
+ *   level while edu keeps its irq status, and a level raised before the
+ *   guest restored its interrupt routing never reaches the CPU. The pending
+ *   interrupt is then re-presented once (re-raised with INTx disabled, then
+ *   INTx enabled), counted in irq_resume_kicks, logged "IRQ KICK", with one
+ *   more timeout; only if it still does not arrive it is lost. A disabled
+ *   INTx or MSI (irq-drop) is never kicked.
  *
  * Exit codes: start 0 = daemon ready, 2 = setup/usage error.
  *             verify 0 = no DMA mismatch, bme_lost == 0 and
@@ -396,6 +405,7 @@ struct stats {
 	uint64_t gpa_moved;
 	uint64_t corruptions_injected;
 	uint64_t pm_resume_reinits, bme_lost, suspends_seen, intx_masked_seen, pm_retried_transfers;
+	uint64_t irq_resume_kicks;
 	struct mismatch first[MAX_FIRST_MISMATCH];
 	int nfirst;
 	struct pci_event pci_ev[MAX_PCI_EVENTS];
@@ -1216,7 +1226,7 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 	struct pollfd pfd = {.fd = irq_fd(), .events = POLLIN};
 	uint32_t status;
 	uint64_t epoch = g.pm_epoch;
-	bool extended = false;
+	bool extended = false, kicked = false;
 
 	g.st.irq_expected++;
 	if (kind == K_DMA)
@@ -1240,6 +1250,33 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 				logmsg("irq wait (0x%x) spanned a system suspend: one more %u ms", expect,
 				       g.irq_timeout_ms);
 				continue;
+			}
+			if (extended && !kicked && g.irq == IRQ_INTX && !g.naive_unmask) {
+				/* edu raised it (irq status), INTx is not disabled, yet
+				 * it never arrived: the wake-up's device reset dropped
+				 * the asserted level (PCI Interrupt Status clear), or
+				 * the level rose while the platform's interrupt routing
+				 * was reset and not yet restored (status set). Like a
+				 * resume path, re-present the pending interrupt once:
+				 * re-raise it with INTx disabled, then enable INTx, so
+				 * the level rises again. A disabled INTx (irq-drop) is
+				 * never touched here. */
+				uint16_t pst = phys_r16(PCI_STATUS), pcmd = phys_r16(PCI_COMMAND);
+				status = rd32(EDU_IRQ_STATUS);
+				if ((status & expect) == expect && pst != 0xffff && !(pcmd & PCI_COMMAND_INTX_DISABLE)) {
+					kicked = true;
+					g.st.irq_resume_kicks++;
+					logmsg("IRQ KICK: %s interrupt 0x%x raised around the suspend was never "
+					       "delivered after resume (irq status 0x%x, pci status 0x%04x, cmd "
+					       "0x%04x, INTx %s): re-presenting it once",
+					       kind == K_DMA ? "DMA-done" : "raised", expect, status, pst, pcmd,
+					       pst & PCI_STATUS_INTERRUPT ? "asserted" : "deasserted by the reset");
+					intx_disable_bit(true);
+					wr32(EDU_IRQ_RAISE, expect);
+					intx_disable_bit(false);
+					deadline = now_s() + g.irq_timeout_ms / 1000.0;
+					continue;
+				}
 			}
 			break;
 		}
@@ -1282,8 +1319,8 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 			wr32(EDU_IRQ_ACK, status);
 		irq_unmask();
 	}
-	g.st.irq_lost++;
 	status = rd32(EDU_IRQ_STATUS);
+	g.st.irq_lost++;
 	logmsg("LOST: no %s interrupt (0x%x) within %u ms; irq status 0x%x, cmd 0x%04x, msi ctrl 0x%04x, pci status 0x%04x",
 	       kind == K_DMA ? "DMA-done" : "raised", expect, g.irq_timeout_ms, status,
 	       phys_r16(PCI_COMMAND), msi_ctrl(), phys_r16(PCI_STATUS));
@@ -1586,7 +1623,8 @@ static void json_counters(struct sbuf *sb)
 		  "\"dma_done_expected\":%" PRIu64 ",\"dma_done_irqs\":%" PRIu64 ",\"raised_expected\":%" PRIu64
 		  ",\"raised_irqs\":%" PRIu64 ",\"gpa_moved\":%" PRIu64 ",\"corruptions_injected\":%" PRIu64 ","
 		  "\"pm_resume_reinits\":%" PRIu64 ",\"bme_lost\":%" PRIu64 ",\"suspends_seen\":%" PRIu64
-		  ",\"intx_masked_seen\":%" PRIu64 ",\"pm_retried_transfers\":%" PRIu64 ","
+		  ",\"intx_masked_seen\":%" PRIu64 ",\"pm_retried_transfers\":%" PRIu64
+		  ",\"irq_resume_kicks\":%" PRIu64 ","
 		  "\"irq_timeout_ms\":%u,\"elapsed_s\":%.3f,\"transfers_per_s\":%.3f,\"irqs_per_s\":%.3f",
 		  g.bdf, backend_name(g.backend), g.irq == IRQ_MSI ? "msi" : "intx", g.size, g.slots,
 		  g.st.transfers, g.st.transfers_started, g.st.transfers_failed,
@@ -1596,6 +1634,7 @@ static void json_counters(struct sbuf *sb)
 		  g.st.irq_status_anomalies, g.st.dma_done_expected, g.st.dma_done_irqs, g.st.raised_expected,
 		  g.st.raised_irqs, g.st.gpa_moved, g.st.corruptions_injected, g.st.pm_resume_reinits,
 		  g.st.bme_lost, g.st.suspends_seen, g.st.intx_masked_seen, g.st.pm_retried_transfers,
+		  g.st.irq_resume_kicks,
 		  g.irq_timeout_ms, el,
 		  el > 0 ? g.st.transfers / el : 0.0, el > 0 ? g.st.irq_received / el : 0.0);
 	sb_printf(sb, ",\"first_mismatch\":[");

@@ -414,6 +414,23 @@ PCI_COMMAND_MASTER = 0x4
 PCI_COMMAND_INTX_DISABLE = 0x400
 
 
+def _resync_console(vm: GuestVM, timeout: float = 90) -> None:
+    """After an S3 wake-up the guest's 8250 is re-initialized and drops what was
+    typed meanwhile, and init may have respawned the console shell (echo on, a
+    prompt): set the shell up again and wait until two commands in a row come back
+    intact."""
+    deadline = time.monotonic() + timeout
+    good = 0
+    time.sleep(2)
+    while good < 2:
+        vm.child.sendline("stty -echo; export PS1=''")
+        assert time.monotonic() < deadline, "the serial console did not come back after wake-up"
+        try:
+            good = good + 1 if vm.run("true", timeout=10)[0] == 0 else 0
+        except pexpect.TIMEOUT:
+            good = 0
+
+
 def _kill_leftovers(vm: GuestVM) -> None:
     vm.run("for p in /run/edu-*/edutest.pid; do [ -f $p ] && kill $(cat $p); done; sleep 1")
 
@@ -747,13 +764,18 @@ class TestUio:
             qmp.cmd("system_wakeup")
         finally:
             qmp.close()
+        _resync_console(uio_vm)
         after_wake = e.wait("pm_resume_reinits", 1, timeout=120)
         assert after_wake["bme_lost"] == 0, e.log()
         e.wait("transfers", after_wake["transfers"] + 8)
         assert _read_command(uio_vm) & PCI_COMMAND_MASTER
         rc, res = e.verify()
         _report("uio intx, suspend to RAM + system_wakeup", res)
-        print("pci_events:", res["pci_events"], "pm_retried_transfers:", res["pm_retried_transfers"])
+        print("pci_events:", res["pci_events"], "pm_retried_transfers:", res["pm_retried_transfers"],
+              "irq_resume_kicks:", res["irq_resume_kicks"])
+        log = e.log()
+        print(log)
+        assert rc == 0, log
         _assert_clean(res, rc)
         assert res["pm_resume_reinits"] >= 1
         assert res["suspends_seen"] >= 1

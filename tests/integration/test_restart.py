@@ -90,3 +90,33 @@ def test_ignore_shared_without_devices_on_fsdax(tmp_path):
     assert result["verdict"] == "PASS", result["reason"] or result["error"]
     assert checks(result)["dma"] == "UNSUPPORTED"
     assert result["per_cycle"][0]["evidence"]["save"]["state_bytes"] < 16 << 20  # RAM was not copied
+
+
+def test_cpr_transfer_keeps_the_host_and_changes_the_qemu(tmp_path):
+    result = run(tmp_path, l1_qemu="sid", mode="cpr-transfer")
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert len(result["l1"]["boot_ids"]) == 1  # no host reboot
+    live = result["checks"]["liveness"]["evidence"]["cycles"][0]
+    assert live["qemu_pid_before"] != live["qemu_pid_after"]
+    assert live["l1_boot_id_before"] == live["l1_boot_id_after"]
+    assert result["checks"]["dma"]["evidence"]["edu"]["transfers"] > 0
+
+
+def test_hotplug_on_qemu_7_2_is_the_guest_visible_baseline(tmp_path):
+    result = run(tmp_path, l1_qemu="bookworm")
+    assert result["mode"] == "hotplug"
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert result["guest_visible"] is True
+
+
+def test_kernel_upgrade_kexecs_into_the_target_release(tmp_path):
+    result = run(tmp_path, kernel="debian:trixie", to_kernel="debian:sid")
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert result["l1"]["kernel_to"].startswith("7.") and result["l1"]["kernel_from"].startswith("6.12")
+
+
+def test_three_cycles_four_host_boots_one_guest(tmp_path):
+    result = run(tmp_path, cycles=3, devices=("edu",))
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert len(set(result["l1"]["boot_ids"])) == 4
+    assert len(result["l2"]["boot_ids"]) == 1 and len(result["per_cycle"]) == 3
