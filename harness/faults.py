@@ -3,7 +3,7 @@
 - ``mem-flip``: bytes of L2's RAM flipped in PMEM between save and restore (in L1, by mmap).
 - ``mem-lost``: the new kernel boots without the memmap= reservation (flow.kexec drops it).
 - ``dma-corrupt``: DMA payloads that edu wrote into L2 RAM are corrupted in PMEM while L2 is down.
-- ``irq-drop``: after the restore, the assigned edu's interrupt is masked in the physical device
+- ``irq-drop``: right after the resume, the assigned edu's interrupt is masked in the physical device
   (from L1, under vfio-pci) and never unmasked, so interrupts raised after the resume are lost.
 
 Also the L1-side digest of the PMEM that holds L2's RAM.
@@ -78,8 +78,8 @@ def inject_before_kexec(flow: Flow) -> dict:
     return {}
 
 
-def inject_after_restore(flow: Flow) -> dict:
-    """Faults that hit the device once L2 is back (called from the restore step)."""
+def inject_after_resume(flow: Flow) -> dict:
+    """Faults that hit the device once L2 runs again (called from the resume step)."""
     if flow.options.inject != "irq-drop":
         return {}
     edu = next(d for d in flow.rig.devices if d.name == "edu")

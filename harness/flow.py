@@ -313,7 +313,6 @@ class Flow:
     def restore(self) -> dict:
         facts = self.mode.restore(self)
         self.restore_observed_at = time.time()
-        facts.update(faults.inject_after_restore(self))
         return facts
 
     @step("resume")
@@ -329,6 +328,8 @@ class Flow:
             facts["resume_observed_by"] = "query-status (upper bound)"
         facts["downtime_qmp_s"] = round(facts["resumed_at"] - self.cycle_record["evidence"]["save"]["stopped_at"], 3)
         self.readings["after"] = checks.liveness_reading(self.l2, self.rig)
+        # After the guest runs again: a guest's own resume would otherwise re-enable what we mask.
+        facts.update(faults.inject_after_resume(self))
         return facts
 
     def end_cycle(self) -> None:

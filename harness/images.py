@@ -24,10 +24,10 @@ from . import REPO
 from .debian import SUITES, AptRoot, extract
 from .errors import UsageError
 from .kernels import Kernel
-from .paths import cache_dir, content_key
+from .paths import artifact_lock, cache_dir, content_key
 
 BUSYBOX = Path("/bin/busybox")
-RECIPE_VERSION = 3  # bump to invalidate every cached image after a recipe change
+RECIPE_VERSION = 4  # bump to invalidate every cached image after a recipe change
 
 L1_MODULES = [
     "kvm_amd", "kvm_intel", "vfio_pci", "vfio_iommu_type1", "nd_e820", "nd_pmem", "dax_pmem",
@@ -145,8 +145,13 @@ def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str],
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
                       BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, files=(init, *sources))
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"
-    if out.exists():
-        return out
+    with artifact_lock():
+        if not out.exists():
+            _build_initramfs(out, kernel, modules, tools, init)
+    return out
+
+
+def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[str], init: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "root"
@@ -161,7 +166,6 @@ def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str],
         shutil.copyfile(init, root / "init")
         (root / "init").chmod(0o755)
         _cpio(root, out)
-    return out
 
 
 def l1_initramfs(kernel: Kernel) -> Path:
@@ -215,6 +219,11 @@ def l1_userspace(suite: str) -> Userspace:
         raise UsageError(f"Unknown L1 QEMU suite '{suite}'. Use one of: bookworm (QEMU 7.2), "
                          "trixie (QEMU 10.0), sid (QEMU 11.x).")
     _require("mkfs.ext4", "e2fsprogs")
+    with artifact_lock():
+        return _l1_userspace(suite)
+
+
+def _l1_userspace(suite: str) -> Userspace:
     apt = AptRoot(suite)
     apt.update()
     debs = apt.download_closure(L1_PACKAGES)
@@ -234,9 +243,11 @@ def l1_userspace(suite: str) -> Userspace:
     # QEMU's exec: migration runs /bin/sh; the package closure has no shell of its own.
     shutil.copyfile(BUSYBOX, tree / "usr" / "bin" / "busybox")
     (tree / "usr" / "bin" / "busybox").chmod(0o755)
-    for applet in ("sh", "cat"):
-        if not (tree / "usr" / "bin" / applet).exists():
-            (tree / "usr" / "bin" / applet).symlink_to("busybox")
+    for bin_dir in ("usr/bin", "bin"):  # bin is a real directory in trees before merged-usr
+        for applet in ("sh", "cat"):
+            link = tree / bin_dir / applet
+            if (tree / bin_dir).is_dir() and not link.exists() and not link.is_symlink():
+                link.symlink_to("/usr/bin/busybox")
     size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
     image = directory / "userspace.img"
     _mkfs(tree, image, size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .debian import SUITES, AptRoot, extract
 from .errors import UsageError
-from .paths import cache_dir
+from .paths import artifact_lock, cache_dir
 
 SPEC_HELP = ("Kernel specs: debian:SUITE (one of " + ", ".join(SUITES) + "), debian:VERSION "
              "(e.g. debian:6.12.57+deb13), path:DIR (a bzImage or vmlinuz plus lib/modules/<release>), "
@@ -55,7 +55,8 @@ def resolve(spec: str, *, fetch: bool = True) -> Kernel:
     if not value:
         raise UsageError(f"Kernel spec '{spec}' has no value. {SPEC_HELP}")
     if kind == "debian":
-        return _debian(spec, value, fetch=fetch)
+        with artifact_lock():
+            return _debian(spec, value, fetch=fetch)
     if kind == "path":
         return from_tree(spec, Path(value).expanduser())
     if kind == "build":

@@ -205,6 +205,8 @@ class CprTransfer(Mode):
         # The new QEMU blocks on the cpr channel before it creates its chardevs: it is reached
         # only once the old one has handed over.
         new = flow.start_l2(incoming=[json.dumps(main), json.dumps(cpr)], connect=False)
+        flow.rig.sh.check("i=0; while [ ! -S /sysroot/run/cpr-cpr.sock ] && [ $i -lt 600 ]; do "
+                          "sleep 0.1; i=$((i+1)); done; test -S /sysroot/run/cpr-cpr.sock", timeout=90, step="save")
         old.qmp.cmd("migrate-set-parameters", step="save", mode="cpr-transfer")
         old.qmp.cmd("migrate", step="save", channels=[main, cpr])
         info = old.qmp.wait_migration(timeout=300, step="save")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,6 +29,31 @@ def content_key(*parts: object, files: tuple[Path, ...] = ()) -> str:
         digest.update(str(path.name).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def artifact_lock() -> Iterator[None]:
+    """Serialise building and fetching of cached artifacts across processes (xdist workers,
+    matrix cells) and threads. Re-entrant within a thread."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    with (cache_dir() / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def socket_dir(prefix: str = "fr") -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UsageError
 from .images import Userspace
 from .kernels import Kernel
-from .paths import cache_dir, content_key
+from .paths import artifact_lock, cache_dir, content_key
 
 # Where the schema cannot tell: the QEMU release that made vfio-pci work with each CPR mode.
 VFIO_CPR_SINCE = {"cpr-reboot": (9, 0), "cpr-transfer": (10, 1)}
@@ -75,6 +75,11 @@ def _qmp_session(command: list[str], requests: list[dict], env: dict[str, str], 
 def qemu_caps(userspace: Userspace) -> QemuCaps:
     """Probe (and cache) the capabilities of the L1 QEMU in this userspace."""
     cached = cache_dir() / "probes" / f"qemu-{content_key(str(userspace.image), userspace.qemu_version)}.json"
+    with artifact_lock():
+        return _qemu_caps(userspace, cached)
+
+
+def _qemu_caps(userspace: Userspace, cached: Path) -> QemuCaps:
     if cached.exists():
         return QemuCaps(**json.loads(cached.read_text()))
     command = userspace.qemu_command()

@@ -773,9 +773,7 @@ class TestUio:
         _report("uio intx, suspend to RAM + system_wakeup", res)
         print("pci_events:", res["pci_events"], "pm_retried_transfers:", res["pm_retried_transfers"],
               "irq_resume_kicks:", res["irq_resume_kicks"])
-        log = e.log()
-        print(log)
-        assert rc == 0, log
+        assert rc == 0, e.log()
         _assert_clean(res, rc)
         assert res["pm_resume_reinits"] >= 1
         assert res["suspends_seen"] >= 1
