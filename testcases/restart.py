@@ -34,6 +34,12 @@ def cell_from_params(params, name: str) -> Cell:
         l2_mem=params.get("l2_mem", default="256M"),
         cycles=int(params.get("cycles", default=1)),
         inject=params.get("inject", default=None),
+        ram_backend=params.get("ram_backend", default="auto"),
+        l2_kernel=params.get("l2_kernel", default="debian:trixie"),
+        l0_qemu=params.get("l0_qemu", default=None),
+        accel=params.get("accel", default=None),
+        shared_ram=bool(params.get("shared_ram", default=True)),
+        mem_check_mib=params.get("mem_check", default=None),
     )
 
 
