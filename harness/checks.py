@@ -112,6 +112,8 @@ class Workloads:
         self.devices: dict[str, str] = {}  # name -> L2 BDF
         self.ready: dict[str, dict] = {}
         self.edu_slots: list[str] = []
+        self.segment = 0  # device workloads restart after a hot-unplug; each run is a segment
+        self.finished: list[tuple[str, dict | None, dict | None]] = []  # (segment label, edu, nvme)
 
     def _json(self, l2: L2, cmd: str, step: str, timeout: float = 300) -> tuple[int, dict]:
         rc, out = l2.console.run(cmd, timeout=timeout, step=step)
@@ -137,23 +139,60 @@ class Workloads:
 
     def start(self, l2: L2) -> None:
         self.devices = self.discover(l2)
-        l2.console.check(f"mkdir -p {WORK}/mem {WORK}/edu {WORK}/blk", step="prepare")
+        l2.console.check(f"mkdir -p {WORK}/mem", step="prepare")
         mib = self.mem_check_mib
         if mib is None:
             available = int(l2.console.check("sed -n 's/^MemAvailable: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
                                              step="prepare").strip()) // 1024
             mib = max(16, int(available * 0.6))
         _, self.ready["memory"] = self._json(l2, f"memcheck start --mib {mib} --seed 7 --dir {WORK}/mem", "prepare")
+        self.start_devices(l2, "prepare")
+
+    def _dirs(self) -> tuple[str, str]:
+        return f"{WORK}/edu{self.segment}", f"{WORK}/blk{self.segment}"
+
+    def start_devices(self, l2: L2, step: str) -> None:
+        """Start the DMA and interrupt workloads on the assigned devices."""
+        edu_dir, blk_dir = self._dirs()
+        l2.console.check(f"mkdir -p {edu_dir} {blk_dir}", step=step)
         if "edu" in self.devices:
-            rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {WORK}/edu --irq intx",
-                                   "prepare", timeout=120)
+            rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {edu_dir} --irq intx",
+                                   step, timeout=120)
             if rc != 0:
-                raise StepError("prepare", "edutest could not start", {"output": ready})
+                raise StepError(step, "edutest could not start", {"output": ready})
             self.ready["edu"] = ready
         if "nvme" in self.devices:
-            dev = l2.console.check("ls /dev/nvme*n1 | head -1", step="prepare").strip()
-            _, self.ready["nvme"] = self._json(l2, f"blkcheck start --dev {dev} --dir {WORK}/blk --mib 32",
-                                               "prepare")
+            dev = l2.console.check("ls /dev/nvme*n1 | head -1", step=step).strip()
+            _, self.ready["nvme"] = self._json(l2, f"blkcheck start --dev {dev} --dir {blk_dir} --mib 32", step)
+
+    def stop_devices(self, l2: L2, label: str, step: str) -> None:
+        """Verify and stop the device workloads now (before a hot-unplug takes the devices away)."""
+        self.finished.append((label, *self._verify_devices(l2, step)))
+        self.segment += 1
+
+    def restart_devices(self, l2: L2, step: str, timeout: float = 120) -> None:
+        """After a hot-plug: wait until L2 sees its devices again, then start fresh workloads."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.devices = self.discover(l2)
+                if "nvme" not in self.devices or l2.console.run("ls /dev/nvme*n1", step=step)[0] == 0:
+                    break
+            except StepError:
+                pass
+            if time.monotonic() > deadline:
+                raise StepError(step, "L2 did not see its devices again after the hot-plug")
+            time.sleep(1)
+        self.start_devices(l2, step)
+
+    def _verify_devices(self, l2: L2, step: str) -> tuple[dict | None, dict | None]:
+        edu_dir, blk_dir = self._dirs()
+        edu = blk = None
+        if "edu" in self.ready:
+            _, edu = self._json(l2, f"edutest verify --dir {edu_dir} --timeout 60", step)
+        if "nvme" in self.ready:
+            _, blk = self._json(l2, f"blkcheck verify --dir {blk_dir} --timeout 120", step)
+        return edu, blk
 
     def slot_gpas(self, l2: L2, count: int) -> list[str]:
         """Guest-physical addresses of edu's first DMA slots (read only when a fault needs them)."""
@@ -164,11 +203,8 @@ class Workloads:
     def verify(self, l2: L2, findings: dict[str, dict], inject: str | None) -> dict:
         results: dict[str, dict] = {}
         _, mem = self._json(l2, f"memcheck verify --dir {WORK}/mem", "verify")
-        edu = blk = None
-        if "edu" in self.ready:
-            _, edu = self._json(l2, f"edutest verify --dir {WORK}/edu --timeout 60", "verify")
-        if "nvme" in self.ready:
-            _, blk = self._json(l2, f"blkcheck verify --dir {WORK}/blk --timeout 120", "verify")
+        label = "after re-plug" if self.finished else "across the restart"
+        segments = [*self.finished, (label, *self._verify_devices(l2, "verify"))]
         # Only matching lines cross the console: L2's emulated serial line is slow.
         _, dmesg = l2.console.run(f"dmesg | grep -iE '{L2_LOG_PROBLEMS.pattern}' | tail -20", step="verify")
         _, l1_log = self.rig.sh.run("dmesg | grep -E 'DMAR: \\[|DMAR: DRHD: handling fault' | tail -20")
@@ -176,9 +212,25 @@ class Workloads:
         if l1_faults:
             findings.setdefault("interrupts", {})["L1 DMAR faults at verify"] = l1_faults
         results["memory"] = memory_verdict(mem, findings.get("memory", {}))
-        results["dma"] = dma_verdict(edu, blk)
-        results["interrupts"] = interrupts_verdict(edu, blk, l2_log_problems(dmesg), findings.get("interrupts", {}))
+        problems = l2_log_problems(dmesg)
+        results["dma"] = _combine([(label, dma_verdict(edu, blk)) for label, edu, blk in segments])
+        l1_findings = findings.get("interrupts", {})
+        results["interrupts"] = _combine([(label, interrupts_verdict(edu, blk, problems, l1_findings))
+                                          for label, edu, blk in segments])
         return results
+
+
+def _combine(segments: list[tuple[str, dict]]) -> dict:
+    """One verdict over the device workload segments (one, or two around a hot-plug)."""
+    if len(segments) == 1:
+        return segments[0][1]
+    worst = next((v for _, v in segments if v["verdict"] == "FAIL"), None) or next(
+        (v for _, v in segments if v["verdict"] != "PASS"), segments[-1][1])
+    combined = {"verdict": worst["verdict"], "evidence": {label: v for label, v in segments}}
+    reasons = [f"{label}: {v['reason']}" for label, v in segments if v.get("reason")]
+    if reasons:
+        combined["reason"] = "; ".join(reasons)
+    return combined
 
 
 def memory_verdict(mem: dict, l1_findings: dict) -> dict:

@@ -157,6 +157,8 @@ class Hotplug(Mode):
             raise Unsupported(f"QEMU {caps.version} has no x-ignore-shared migration capability")
 
     def save(self, flow):
+        # The devices leave the guest: their workloads are verified now and start again after.
+        flow.workloads.stop_devices(flow.l2, "before unplug", step="save")
         unplugged = flow.unplug_vfio()
         facts = self.save_to_file(flow, mode=None)
         facts["unplugged"] = unplugged
@@ -168,6 +170,7 @@ class Hotplug(Mode):
     def resume(self, flow):
         facts = super().resume(flow)
         facts["replugged"] = flow.replug_vfio()
+        flow.workloads.restart_devices(flow.l2, step="resume")
         facts["guest_visible"] = "the guest saw its devices unplugged and plugged back"
         return facts
 

@@ -93,13 +93,23 @@ def test_ignore_shared_without_devices_on_fsdax(tmp_path):
 
 
 def test_cpr_transfer_keeps_the_host_and_changes_the_qemu(tmp_path):
+    """The hand-over itself must work; what it does to the assigned devices is the finding.
+
+    Measured here (QEMU 11.1 in L1, kernel 6.12): the guest and its RAM carry on with sub-second
+    downtime, but edu's Bus Master Enable is cleared at the hand-over and INTx interrupts are lost
+    afterwards (DESIGN §10 saw "failed to setup resample irqfd"). So dma/interrupts are asserted to
+    have run with evidence, not to pass; the conformance matrix reports their verdict.
+    """
     result = run(tmp_path, l1_qemu="sid", mode="cpr-transfer")
-    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert result["verdict"] in ("PASS", "FAIL"), result["reason"] or result["error"]
+    assert {"liveness": "PASS", "memory": "PASS"}.items() <= {n: c["verdict"] for n, c in result["checks"].items()}.items()
     assert len(result["l1"]["boot_ids"]) == 1  # no host reboot
     live = result["checks"]["liveness"]["evidence"]["cycles"][0]
     assert live["qemu_pid_before"] != live["qemu_pid_after"]
     assert live["l1_boot_id_before"] == live["l1_boot_id_after"]
-    assert result["checks"]["dma"]["evidence"]["edu"]["transfers"] > 0
+    assert result["checks"]["dma"]["verdict"] in ("PASS", "FAIL")
+    assert result["checks"]["dma"]["evidence"]["edu"]["transfers"] > 0  # DMA exercised before and after
+    assert result["downtime_s"]["qmp"] < 30
 
 
 def test_hotplug_on_qemu_7_2_is_the_guest_visible_baseline(tmp_path):
