@@ -307,3 +307,13 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, capsys, arg
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "\nfastrestart: " in "\n" + err and "Traceback" not in err
+
+
+def test_hotplug_segments_combine_into_one_verdict():
+    good = checks.verdict("PASS", {"edu": {"transfers": 3}})
+    bad = checks.verdict("FAIL", {"edu": {"transfers": 1}}, "edu: 1 DMA payload(s) corrupted")
+    assert checks._combine([("across the restart", good)]) is good
+    combined = checks._combine([("before unplug", good), ("after re-plug", bad)])
+    assert combined["verdict"] == "FAIL" and combined["reason"].startswith("after re-plug: edu")
+    assert set(combined["evidence"]) == {"before unplug", "after re-plug"}
+    assert checks._combine([("before unplug", good), ("after re-plug", good)])["verdict"] == "PASS"
