@@ -71,9 +71,10 @@ def test_killed_harness_takes_its_vms_with_it(tmp_path):
     assert qemu_pids_for(tmp_path) == []
 
 
-def test_rig_check_reports_every_part(tmp_path):
+@pytest.mark.parametrize("kernel", ["debian:trixie", "debian:bookworm", "debian:sid"])
+def test_rig_check_reports_every_part(tmp_path, kernel):
     out = tmp_path / "rig.json"
-    proc = start(tmp_path, "rig", "check", "--json", str(out))
+    proc = start(tmp_path, "rig", "check", "--kernel", kernel, "--json", str(out))
     output, _ = proc.communicate(timeout=900)
     report = json.loads(out.read_text())
     assert proc.returncode == 0, output
