@@ -196,7 +196,7 @@ class Workloads:
 
     def slot_gpas(self, l2: L2, count: int) -> list[str]:
         """Guest-physical addresses of edu's first DMA slots (read only when a fault needs them)."""
-        out = l2.console.check(f"tr ',[' '\\n\\n' < {WORK}/edu/edutest.ready | grep -A{count} slot_gpas | "
+        out = l2.console.check(f"tr ',[' '\\n\\n' < {self._dirs()[0]}/edutest.ready | grep -A{count} slot_gpas | "
                                "grep -o '0x[0-9a-f]*'", step="prepare")
         return out.split()[:count]
 
