@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import Unsupported
 from .guest import L2, STATE_DIR
-from .probes import QemuCaps
+from .probes import VFIO_CPR_SINCE, QemuCaps
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -27,12 +27,18 @@ class Mode:
     restarts_host = True  # does L1 kexec?
     guest_visible = False  # does the guest see something happen (e.g. a device unplug)?
     min_qemu: tuple[int, int] = (4, 0)
+    migration_mode: str | None = None  # the QAPI MigMode value this mode uses, if any
 
     def check(self, caps: QemuCaps, devices: list[str], backend: str, shared_ram: bool) -> None:
         """Raise Unsupported with the reason when this mode cannot run here."""
         if caps.version_tuple < self.min_qemu:
             raise Unsupported(f"mode {self.name} needs QEMU >= {'.'.join(map(str, self.min_qemu))}; "
                               f"L1 QEMU is {caps.version}")
+        if self.migration_mode and self.migration_mode not in caps.modes:
+            raise Unsupported(f"QEMU {caps.version}'s QAPI schema has no {self.migration_mode} migration mode")
+        if self.migration_mode and devices and not caps.vfio_supports(self.migration_mode):
+            since = ".".join(map(str, VFIO_CPR_SINCE[self.migration_mode]))
+            raise Unsupported(f"vfio-pci supports {self.migration_mode} from QEMU {since}; L1 QEMU is {caps.version}")
         if backend == "fsdax" and devices:
             raise Unsupported("L2 RAM on fsdax cannot be used with assigned devices: Linux refuses long-term "
                               "pins of fsdax pages (VFIO_MAP_DMA fails with EOPNOTSUPP); use --ram-backend devdax")
@@ -58,18 +64,18 @@ class Mode:
         # QEMU < 8.2 has no file: transport; QEMU's exec runs /bin/sh from the L1 userspace.
         return f"exec:cat {STATE_FILE}" if incoming else f"exec:cat > {STATE_FILE}"
 
-    def set_migration_options(self, l2: L2, flow: Flow, step: str, mode: str | None) -> None:
+    def set_migration_options(self, l2: L2, flow: Flow, step: str) -> None:
         if flow.rig.config.shared_ram:
             l2.qmp.cmd("migrate-set-capabilities", step=step,
                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        if mode:
-            l2.qmp.cmd("migrate-set-parameters", step=step, mode=mode)
+        if self.migration_mode:
+            l2.qmp.cmd("migrate-set-parameters", step=step, mode=self.migration_mode)
 
-    def save_to_file(self, flow: Flow, mode: str | None) -> dict:
+    def save_to_file(self, flow: Flow) -> dict:
         l2 = flow.l2
         if l2.qmp.cmd("query-status", step="save")["status"] == "running":
             l2.qmp.cmd("stop", step="save")
-        self.set_migration_options(l2, flow, "save", mode)
+        self.set_migration_options(l2, flow, "save")
         l2.qmp.cmd("migrate", step="save", uri=self.migration_uri(flow.caps, incoming=False))
         info = l2.qmp.wait_migration(timeout=600, step="save")
         flow.quit_l2(l2, step="save")
@@ -78,9 +84,9 @@ class Mode:
                 "migration": {k: info.get(k) for k in ("status", "total-time", "downtime")},
                 "ram_transferred": info.get("ram", {}).get("transferred")}
 
-    def restore_from_file(self, flow: Flow, mode: str | None, plug_vfio: bool = True) -> dict:
+    def restore_from_file(self, flow: Flow, plug_vfio: bool = True) -> dict:
         l2 = flow.start_l2(incoming=["defer"], plug_vfio=plug_vfio)
-        self.set_migration_options(l2, flow, "restore", mode)
+        self.set_migration_options(l2, flow, "restore")
         l2.qmp.cmd("migrate-incoming", step="restore", uri=self.migration_uri(flow.caps, incoming=True))
         info = l2.qmp.wait_migration(timeout=600, step="restore")
         status = l2.qmp.cmd("query-status", step="restore")
@@ -101,10 +107,10 @@ class IgnoreShared(Mode):
                               "use cpr-reboot, hotplug or --devices none")
 
     def save(self, flow):
-        return self.save_to_file(flow, mode=None)
+        return self.save_to_file(flow)
 
     def restore(self, flow):
-        return self.restore_from_file(flow, mode=None)
+        return self.restore_from_file(flow)
 
 
 class CprReboot(Mode):
@@ -112,13 +118,7 @@ class CprReboot(Mode):
 
     name = "cpr-reboot"
     min_qemu = (8, 2)
-
-    def check(self, caps, devices, backend, shared_ram):
-        super().check(caps, devices, backend, shared_ram)
-        if "cpr-reboot" not in caps.modes:
-            raise Unsupported(f"QEMU {caps.version}'s QAPI schema has no cpr-reboot migration mode")
-        if devices and not caps.vfio_supports("cpr-reboot"):
-            raise Unsupported(f"vfio-pci supports cpr-reboot from QEMU 9.0; L1 QEMU is {caps.version}")
+    migration_mode = "cpr-reboot"
 
     def l2_options(self, devices):
         return {"allow_s3": bool(devices), "aux_ram_share": False}
@@ -127,11 +127,11 @@ class CprReboot(Mode):
         facts = {}
         if flow.rig.devices:
             facts["suspend"] = flow.suspend_l2()
-        facts.update(self.save_to_file(flow, mode="cpr-reboot"))
+        facts.update(self.save_to_file(flow))
         return facts
 
     def restore(self, flow):
-        return self.restore_from_file(flow, mode="cpr-reboot")
+        return self.restore_from_file(flow)
 
     def resume(self, flow):
         status = flow.l2.qmp.cmd("query-status", step="resume")["status"]
@@ -160,12 +160,12 @@ class Hotplug(Mode):
         # The devices leave the guest: their workloads are verified now and start again after.
         flow.workloads.stop_devices(flow.l2, "before unplug", step="save")
         unplugged = flow.unplug_vfio()
-        facts = self.save_to_file(flow, mode=None)
+        facts = self.save_to_file(flow)
         facts["unplugged"] = unplugged
         return facts
 
     def restore(self, flow):
-        return self.restore_from_file(flow, mode=None, plug_vfio=False)
+        return self.restore_from_file(flow, plug_vfio=False)
 
     def resume(self, flow):
         facts = super().resume(flow)
@@ -181,13 +181,10 @@ class CprTransfer(Mode):
     name = "cpr-transfer"
     restarts_host = False
     min_qemu = (10, 0)
+    migration_mode = "cpr-transfer"
 
     def check(self, caps, devices, backend, shared_ram):
         super().check(caps, devices, backend, shared_ram)
-        if "cpr-transfer" not in caps.modes:
-            raise Unsupported(f"QEMU {caps.version}'s QAPI schema has no cpr-transfer migration mode")
-        if devices and not caps.vfio_supports("cpr-transfer"):
-            raise Unsupported(f"vfio-pci supports cpr-transfer from QEMU 10.1; L1 QEMU is {caps.version}")
         if not shared_ram:
             raise Unsupported("cpr-transfer keeps RAM by passing its fd: it needs shared RAM")
 
@@ -210,7 +207,7 @@ class CprTransfer(Mode):
         new = flow.start_l2(incoming=[json.dumps(main), json.dumps(cpr)], connect=False)
         flow.rig.sh.check("i=0; while [ ! -S /sysroot/run/cpr-cpr.sock ] && [ $i -lt 600 ]; do "
                           "sleep 0.1; i=$((i+1)); done; test -S /sysroot/run/cpr-cpr.sock", timeout=90, step="save")
-        old.qmp.cmd("migrate-set-parameters", step="save", mode="cpr-transfer")
+        old.qmp.cmd("migrate-set-parameters", step="save", mode=self.migration_mode)
         old.qmp.cmd("migrate", step="save", channels=[main, cpr])
         info = old.qmp.wait_migration(timeout=300, step="save")
         flow.retire_l2(old, new)
