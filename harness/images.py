@@ -142,6 +142,7 @@ def _cpio(root: Path, out: Path) -> None:
 
 def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str], init: Path) -> Path:
     sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
+    sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
                       BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, files=(init, *sources))
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"

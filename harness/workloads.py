@@ -1,7 +1,9 @@
 """The small static C programs that run inside the guests, and parsers of what they print.
 
-Sources live in ``guests/workloads/<name>.c``; each is one standalone file because the guests
-have only busybox. They are compiled here, on L0, with our own recipe::
+Sources live in ``guests/workloads/<name>.c``; each builds into one standalone static binary
+because the guests have only busybox. The helpers they share live in the single header
+``guests/workloads/workload.h``, which every source includes (and which is part of every
+build's inputs). They are compiled here, on L0, with our own recipe::
 
     gcc -O2 -static -Wall -Wextra -o OUT SRC
 
@@ -26,6 +28,8 @@ from .errors import StepError, UsageError
 
 SOURCE_DIR = REPO / "guests" / "workloads"
 CFLAGS = ("-O2", "-static", "-Wall", "-Wextra")
+# Headers every workload includes: a change to one rebuilds them all.
+HEADERS = ("workload.h",)
 
 # The keys a caller may rely on, per output. Extra keys are allowed (and present).
 MEMCHECK_READY_KEYS = frozenset({"pages", "mib", "seed", "fill_seconds", "fill_mib_per_s", "mlocked",
@@ -47,6 +51,12 @@ def source(name: str) -> Path:
     return src
 
 
+def inputs(name: str) -> tuple[Path, ...]:
+    """Every file the build of workload ``name`` reads: its source, then the shared headers."""
+    headers = (SOURCE_DIR / h for h in HEADERS)
+    return (source(name), *(h for h in headers if h.is_file()))
+
+
 def _compiler(cc: str) -> str:
     path = shutil.which(cc)
     if not path:
@@ -58,15 +68,17 @@ def _compiler(cc: str) -> str:
 def build(name: str, out_dir: Path, *, cc: str = "gcc") -> Path:
     """Compile workload ``name`` into ``out_dir/name`` as a static binary; return its path.
 
-    Cached: nothing is done when the binary is newer than its source. The binary is written
-    under a temporary name and renamed, so concurrent builds (xdist) never see half a file.
+    Cached: nothing is done when the binary is newer than all its ``inputs`` (its source and
+    the shared headers). The binary is written under a temporary name and renamed, so
+    concurrent builds (xdist) never see half a file.
     Raises UsageError when the compiler or the static C library is missing, StepError when
     the source does not compile.
     """
-    src = source(name)
+    deps = inputs(name)
+    src = deps[0]
     out_dir = Path(out_dir)
     out = out_dir / name
-    if out.exists() and out.stat().st_mtime > src.stat().st_mtime:
+    if out.exists() and out.stat().st_mtime > max(p.stat().st_mtime for p in deps):
         return out
     compiler = _compiler(cc)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@
  *
  * Exit codes: 0 ok, 1 corruption / I/O errors / lost I/Os, 2 usage or timeout error.
  * Build: gcc -O2 -static -Wall -Wextra -o blkcheck blkcheck.c
+ * (one static binary; the helpers shared with the other workloads come from workload.h)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,200 +49,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#define WL_PROG "blkcheck"
+#include "workload.h"
+
 #define MAGIC 0x313054484b434c42ULL /* "BLKCHK01" read as a little-endian u64 */
 #define HDR 32u
 #define MAX_EVIDENCE 8
 #define CHUNK (1024u * 1024u) /* bytes per I/O in the sequential fill and verify passes */
-
-/* ------------------------------------------------------------------ utils */
-
-static double now_mono(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void sleep_ms(long ms)
-{
-	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-
-	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
-		;
-}
-
-static void die_usage(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	fputs("blkcheck: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(2);
-}
-
-static uint64_t parse_u64(const char *opt, const char *s)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || end == s || *end || s[0] == '-')
-		die_usage("%s: not a non-negative integer: '%s'", opt, s);
-	return v;
-}
-
-static void path_in(char *out, size_t n, const char *dir, const char *name)
-{
-	if ((size_t)snprintf(out, n, "%s/%s", dir, name) >= n)
-		die_usage("path too long: %s/%s", dir, name);
-}
-
-static char *slurp(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	size_t cap = 4096, len = 0;
-	char *buf;
-	ssize_t r;
-
-	if (fd < 0)
-		return NULL;
-	buf = malloc(cap + 1);
-	if (!buf) {
-		close(fd);
-		return NULL;
-	}
-	for (;;) {
-		if (len == cap) {
-			char *nb = realloc(buf, cap * 2 + 1);
-
-			if (!nb)
-				break;
-			buf = nb;
-			cap *= 2;
-		}
-		r = read(fd, buf + len, cap - len);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		len += (size_t)r;
-	}
-	close(fd);
-	buf[len] = 0;
-	return buf;
-}
-
-/* Write a file atomically: a reader sees the old file, no file, or all of the new one. */
-static int write_atomic(const char *path, const char *text)
-{
-	char tmp[PATH_MAX + 16];
-	size_t len = strlen(text), off = 0;
-	int fd;
-
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return -1;
-	while (off < len) {
-		ssize_t w = write(fd, text + off, len - off);
-
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0) {
-			close(fd);
-			return -1;
-		}
-		off += (size_t)w;
-	}
-	fsync(fd);
-	close(fd);
-	return rename(tmp, path);
-}
-
-struct sbuf {
-	char *p;
-	size_t len, cap;
-};
-
-static void sb_printf(struct sbuf *b, const char *fmt, ...)
-{
-	va_list ap;
-	int n;
-
-	for (;;) {
-		size_t room = b->cap - b->len;
-
-		va_start(ap, fmt);
-		n = vsnprintf(b->p ? b->p + b->len : NULL, room, fmt, ap);
-		va_end(ap);
-		if (n < 0)
-			return;
-		if ((size_t)n < room) {
-			b->len += (size_t)n;
-			return;
-		}
-		b->cap = (b->cap + (size_t)n + 1) * 2;
-		b->p = realloc(b->p, b->cap);
-		if (!b->p) {
-			fputs("blkcheck: out of memory\n", stderr);
-			exit(1);
-		}
-	}
-}
-
-/* A JSON string literal: the device path is the one user-supplied string we print. */
-static void sb_json_str(struct sbuf *b, const char *s)
-{
-	sb_printf(b, "\"");
-	for (; *s; s++) {
-		unsigned char c = (unsigned char)*s;
-
-		if (c == '"' || c == '\\')
-			sb_printf(b, "\\%c", c);
-		else if (c < 0x20)
-			sb_printf(b, "\\u%04x", c);
-		else
-			sb_printf(b, "%c", c);
-	}
-	sb_printf(b, "\"");
-}
-
-static pid_t read_pid(const char *dir)
-{
-	char path[PATH_MAX];
-	char *s;
-	long pid;
-
-	path_in(path, sizeof(path), dir, "blkcheck.pid");
-	s = slurp(path);
-	if (!s)
-		return -1;
-	pid = strtol(s, NULL, 10);
-	free(s);
-	return pid > 0 ? (pid_t)pid : -1;
-}
-
-/* A zombie still answers kill(pid, 0) until its new parent reaps it, which some inits do
- * lazily: treat it as dead, as the daemon's work is over. */
-static int pid_alive(pid_t pid)
-{
-	char path[64], *s, *p;
-	int zombie = 0;
-
-	if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM))
-		return 0;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	s = slurp(path);
-	if (s && (p = strrchr(s, ')')) && p[1] == ' ')
-		zombie = p[2] == 'Z' || p[2] == 'X';
-	free(s);
-	return !zombie;
-}
 
 /* ----------------------------------------------------------------- crc32c */
 
@@ -286,13 +100,6 @@ static uint32_t crc32c(const uint8_t *p, size_t len)
 }
 
 /* ---------------------------------------------------------------- blocks */
-
-static inline uint64_t mix64(uint64_t z)
-{
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
 
 static void block_build(uint8_t *b, unsigned bs, uint64_t seed, uint64_t blk, uint64_t gen)
 {
@@ -369,17 +176,6 @@ static struct {
 
 #define FL_BAD 1
 #define FL_ALT 2
-
-static void dlog(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	fflush(stderr);
-}
 
 /* One counted I/O: submitted before the syscall, completed only if it moved every byte. */
 static int do_io(int write, uint8_t *buf, size_t len, uint64_t off, uint64_t blk)
@@ -506,17 +302,7 @@ static void io_loop(uint8_t *buf)
 		if (g.iops) {
 			/* Absolute schedule (two I/Os per step); after a stall (VM stopped) restart
 			 * the schedule rather than burst to catch up. */
-			double target = t0 + (double)n / rate;
-
-			if (now - target > 1.0) {
-				t0 = now;
-				n = 0;
-			} else if (target > now) {
-				double d = target - now;
-
-				ts.tv_sec = (time_t)d;
-				ts.tv_nsec = (long)((d - (double)ts.tv_sec) * 1e9);
-			}
+			pace(&t0, &n, rate, now, &ts);
 		} else {
 			ts.tv_sec = 1;
 		}
@@ -568,7 +354,7 @@ static void io_loop(uint8_t *buf)
 
 static int daemon_main(int status_fd)
 {
-	char path[PATH_MAX], pidtxt[32];
+	char path[PATH_MAX];
 	struct sbuf b = { 0 };
 	sigset_t set;
 	uint8_t *buf;
@@ -579,12 +365,8 @@ static int daemon_main(int status_fd)
 	sigemptyset(&set);
 	sigaddset(&set, SIGUSR1);
 	sigprocmask(SIG_BLOCK, &set, NULL);
-	path_in(path, sizeof(path), g.dir, "blkcheck.pid");
-	snprintf(pidtxt, sizeof(pidtxt), "%d\n", (int)getpid());
-	if (write_atomic(path, pidtxt) != 0) {
-		dprintf(status_fd, "cannot write %s: %s\n", path, strerror(errno));
+	if (write_pid_file(g.dir, status_fd) != 0)
 		return 1;
-	}
 	g.gen = calloc(g.blocks, sizeof(*g.gen));
 	g.flags = calloc(g.blocks, 1);
 	/* O_DIRECT needs buffers aligned to the logical block size; 4096 covers every device. */
@@ -654,36 +436,19 @@ struct opts {
 
 static void parse_opts(int argc, char **argv, struct opts *o)
 {
-	int i;
+	const struct option_spec specs[] = {
+		{ "--buffered", NULL, NULL, &o->buffered },
+		{ "--dir", &o->dir, NULL, NULL },
+		{ "--dev", &o->dev, NULL, NULL },
+		{ "--mib", NULL, &o->mib, &o->have_mib },
+		{ "--seed", NULL, &o->seed, NULL },
+		{ "--bs", NULL, &o->bs, NULL },
+		{ "--iops", NULL, &o->iops, NULL },
+		{ "--timeout", NULL, &o->timeout, NULL },
+		{ NULL, NULL, NULL, NULL },
+	};
 
-	for (i = 2; i < argc; i++) {
-		const char *a = argv[i];
-		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-
-		if (!strcmp(a, "--buffered")) {
-			o->buffered = 1;
-			continue;
-		}
-		if (!v)
-			die_usage("%s: missing value", a);
-		if (!strcmp(a, "--dir"))
-			o->dir = v;
-		else if (!strcmp(a, "--dev"))
-			o->dev = v;
-		else if (!strcmp(a, "--mib"))
-			o->mib = parse_u64(a, v), o->have_mib = 1;
-		else if (!strcmp(a, "--seed"))
-			o->seed = parse_u64(a, v);
-		else if (!strcmp(a, "--bs"))
-			o->bs = parse_u64(a, v);
-		else if (!strcmp(a, "--iops"))
-			o->iops = parse_u64(a, v);
-		else if (!strcmp(a, "--timeout"))
-			o->timeout = parse_u64(a, v);
-		else
-			die_usage("unknown option '%s'", a);
-		i++;
-	}
+	parse_options(argc, argv, 2, specs);
 	if (!o->dir)
 		die_usage("--dir is required");
 }
@@ -718,12 +483,9 @@ static void open_dev(int buffered)
 static int cmd_start(struct opts *o)
 {
 	static const char *names[] = { "blkcheck.ready", "blkcheck.result", "blkcheck.pid", "blkcheck.stats" };
-	char path[PATH_MAX], status[512];
+	char path[PATH_MAX];
 	int pfd[2];
 	pid_t pid, old;
-	ssize_t n;
-	struct pollfd pl;
-	char *ready;
 	size_t i;
 
 	if (!o->dev || !o->have_mib)
@@ -750,68 +512,15 @@ static int cmd_start(struct opts *o)
 	crc32c_init();
 	open_dev(o->buffered);
 
-	if (pipe2(pfd, O_CLOEXEC) != 0)
-		die_usage("pipe: %s", strerror(errno));
-	fflush(NULL);
-	pid = fork();
-	if (pid < 0)
-		die_usage("fork: %s", strerror(errno));
+	pid = fork_daemon(g.dir, pfd);
 	if (pid == 0) {
-		int fd;
-
-		/* Double fork + setsid: detached from the session that started it. */
-		close(pfd[0]);
-		setsid();
-		pid = fork();
-		if (pid < 0)
-			_exit(1);
-		if (pid > 0)
-			_exit(0);
-		if (chdir("/") != 0)
-			_exit(1);
-		fd = open("/dev/null", O_RDONLY);
-		if (fd >= 0) {
-			dup2(fd, 0);
-			close(fd);
-		}
-		path_in(path, sizeof(path), g.dir, "blkcheck.log");
-		fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-		if (fd < 0)
-			fd = open("/dev/null", O_WRONLY);
-		if (fd >= 0) {
-			dup2(fd, 1);
-			dup2(fd, 2);
-			close(fd);
-		}
 		if (!g.direct)
 			dlog("buffered I/O on %s (%s)", g.dev, o->buffered ? "--buffered" : "O_DIRECT refused");
 		_exit(daemon_main(pfd[1]));
 	}
-	close(pfd[1]);
 	close(g.fd);
 	waitpid(pid, NULL, 0);
-	pl.fd = pfd[0];
-	pl.events = POLLIN;
-	if (poll(&pl, 1, o->timeout ? (int)(o->timeout * 1000) : 600000) <= 0) {
-		fprintf(stderr, "blkcheck: daemon not ready after %" PRIu64 " s\n", o->timeout ? o->timeout : 600);
-		return 2;
-	}
-	n = read(pfd[0], status, sizeof(status) - 1);
-	status[n > 0 ? n : 0] = 0;
-	close(pfd[0]);
-	if (strncmp(status, "ok", 2) != 0) {
-		fprintf(stderr, "blkcheck: daemon failed: %s\n", n > 0 ? status : "exited without a word (see blkcheck.log)");
-		return 1;
-	}
-	path_in(path, sizeof(path), g.dir, "blkcheck.ready");
-	ready = slurp(path);
-	if (!ready) {
-		fprintf(stderr, "blkcheck: %s missing\n", path);
-		return 1;
-	}
-	fputs(ready, stdout);
-	free(ready);
-	return 0;
+	return await_ready(pfd[0], o->timeout, g.dir);
 }
 
 static uint64_t json_u64(const char *text, const char *key, int *found)
@@ -831,40 +540,24 @@ static uint64_t json_u64(const char *text, const char *key, int *found)
 static int cmd_verify(struct opts *o)
 {
 	char path[PATH_MAX];
-	pid_t pid = read_pid(o->dir);
-	double deadline = now_mono() + (double)(o->timeout ? o->timeout : 600);
 	uint64_t bad, errs, sub, comp;
-	int found = 1;
+	int found = 1, rc;
 	char *res;
 
-	path_in(path, sizeof(path), o->dir, "blkcheck.result");
-	if (pid_alive(pid)) {
-		unlink(path);
-		if (kill(pid, SIGUSR1) != 0)
-			die_usage("kill(%d, SIGUSR1): %s", (int)pid, strerror(errno));
-	}
-	while (access(path, F_OK) != 0) {
-		if (!pid_alive(pid) && access(path, F_OK) != 0) {
-			fprintf(stderr, "blkcheck: no daemon running in %s and no result (see blkcheck.log)\n", o->dir);
-			return 2;
-		}
-		if (now_mono() > deadline) {
-			/* A daemon stuck in an I/O that never completes ends up here: show its counters. */
-			char *st;
+	res = request_result(o->dir, o->timeout, &rc);
+	if (!res && rc == -1) {
+		/* A daemon stuck in an I/O that never completes ends up here: show its counters. */
+		char *st;
 
-			path_in(path, sizeof(path), o->dir, "blkcheck.stats");
-			st = slurp(path);
-			fprintf(stderr, "blkcheck: no result after %" PRIu64 " s; last stats: %s",
-				o->timeout ? o->timeout : 600, st ? st : "none\n");
-			free(st);
-			return 2;
-		}
-		sleep_ms(10);
+		path_in(path, sizeof(path), o->dir, "blkcheck.stats");
+		st = slurp(path);
+		fprintf(stderr, "blkcheck: no result after %" PRIu64 " s; last stats: %s",
+			o->timeout ? o->timeout : 600, st ? st : "none\n");
+		free(st);
+		return 2;
 	}
-	res = slurp(path);
 	if (!res)
-		die_usage("cannot read %s", path);
-	fputs(res, stdout);
+		return rc;
 	bad = json_u64(res, "bad_blocks", &found);
 	errs = json_u64(res, "io_errors", &found);
 	sub = json_u64(res, "ios_submitted", &found);
@@ -893,21 +586,6 @@ static int cmd_status(struct opts *o)
 	return pid_alive(read_pid(o->dir)) ? 0 : 1;
 }
 
-static int cmd_stop(struct opts *o)
-{
-	pid_t pid = read_pid(o->dir);
-	int i;
-
-	if (!pid_alive(pid))
-		return 0;
-	kill(pid, SIGTERM);
-	for (i = 0; i < 500 && pid_alive(pid); i++)
-		sleep_ms(10);
-	if (pid_alive(pid))
-		kill(pid, SIGKILL);
-	return 0;
-}
-
 int main(int argc, char **argv)
 {
 	struct opts o = { 0 };
@@ -934,7 +612,7 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "status"))
 		return cmd_status(&o);
 	if (!strcmp(argv[1], "stop"))
-		return cmd_stop(&o);
+		return stop_daemon(o.dir);
 	die_usage("unknown command '%s'", argv[1]);
 	return 2;
 }

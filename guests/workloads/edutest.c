@@ -4,6 +4,7 @@
  * test device (1234:11e8), driven entirely from userspace inside a guest.
  *
  * Build: gcc -O2 -static -Wall -Wextra -o edutest edutest.c
+ * (one static binary; the helpers shared with the other workloads come from workload.h)
  *
  * Backends (chosen automatically, or with --backend):
  *   vfio-type1    vfio-pci + a real (virtual) IOMMU in this guest. MSI and INTx,
@@ -103,6 +104,9 @@
 #include <linux/pci_regs.h>
 #include <linux/vfio.h>
 
+#define WL_PROG "edutest"
+#include "workload.h"
+
 #ifndef VFIO_NOIOMMU_IOMMU
 #define VFIO_NOIOMMU_IOMMU 8
 #endif
@@ -163,13 +167,6 @@ static void seterr(const char *fmt, ...)
 	va_end(ap);
 }
 
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void logmsg(const char *fmt, ...)
 {
@@ -221,8 +218,8 @@ static int write_file(const char *path, const char *s)
 	return n == (ssize_t)strlen(s) ? 0 : -1;
 }
 
-/* Write a file atomically: tmp + fsync + rename. */
-static int write_atomic(const char *path, const char *data, size_t len)
+/* Write len bytes to a file atomically: a per-process tmp + fsync + rename. */
+static int write_atomic_len(const char *path, const char *data, size_t len)
 {
 	char tmp[PATH_MAX];
 	int fd;
@@ -238,79 +235,6 @@ static int write_atomic(const char *path, const char *data, size_t len)
 	}
 	close(fd);
 	return rename(tmp, path);
-}
-
-static char *slurp(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	size_t cap = 4096, len = 0;
-	char *buf;
-
-	if (fd < 0)
-		return NULL;
-	buf = malloc(cap);
-	for (;;) {
-		ssize_t n;
-		if (len + 1 >= cap) {
-			cap *= 2;
-			buf = realloc(buf, cap);
-		}
-		n = read(fd, buf + len, cap - len - 1);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			free(buf);
-			close(fd);
-			return NULL;
-		}
-		if (n == 0)
-			break;
-		len += n;
-	}
-	close(fd);
-	buf[len] = 0;
-	return buf;
-}
-
-/* Growable string for JSON output. */
-struct sbuf {
-	char *p;
-	size_t len, cap;
-};
-
-static void sb_printf(struct sbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(struct sbuf *sb, const char *fmt, ...)
-{
-	va_list ap;
-	int n;
-
-	for (;;) {
-		size_t avail = sb->cap - sb->len;
-		va_start(ap, fmt);
-		n = vsnprintf(sb->p ? sb->p + sb->len : NULL, sb->p ? avail : 0, fmt, ap);
-		va_end(ap);
-		if (sb->p && (size_t)n < avail) {
-			sb->len += n;
-			return;
-		}
-		sb->cap = (sb->cap ? sb->cap * 2 : 4096) + n;
-		sb->p = realloc(sb->p, sb->cap);
-	}
-}
-
-static void json_str(struct sbuf *sb, const char *s)
-{
-	sb_printf(sb, "\"");
-	for (; *s; s++) {
-		unsigned char c = *s;
-		if (c == '"' || c == '\\')
-			sb_printf(sb, "\\%c", c);
-		else if (c < 0x20)
-			sb_printf(sb, "\\u%04x", c);
-		else
-			sb_printf(sb, "%c", c);
-	}
-	sb_printf(sb, "\"");
 }
 
 /* ------------------------------------------------------- pattern and hash */
@@ -1146,7 +1070,7 @@ static void pci_event(const char *kind, const char *when, uint16_t cmd, uint16_t
 	e->transfer = g.st.transfers_started;
 	e->cmd = cmd;
 	e->cmd_after = after;
-	e->t_s = now_s() - g.t_start;
+	e->t_s = now_mono() - g.t_start;
 	e->realtime = rt.tv_sec + rt.tv_nsec / 1e9;
 }
 
@@ -1183,9 +1107,9 @@ static void check_command(const char *when)
 	pm = g.pm_epoch != g.pm_epoch_checked;
 	if (!pm) {
 		/* pm_suspend() bumps suspend_stats only after thawing us */
-		double until = now_s() + SUSPEND_GRACE_S;
+		double until = now_mono() + SUSPEND_GRACE_S;
 		struct timespec ts = {0, 50000000};
-		while (!pm && now_s() < until) {
+		while (!pm && now_mono() < until) {
 			nanosleep(&ts, NULL);
 			suspend_sample();
 			pm = g.pm_epoch != g.pm_epoch_checked;
@@ -1210,7 +1134,7 @@ static void check_command(const char *when)
 		       ", t=%.3f s); re-enabled: now 0x%04x",
 		       cmd, cmd & PCI_COMMAND_MASTER ? "" : "bus master off ",
 		       cmd & PCI_COMMAND_MEMORY ? "" : "memory off", when, g.st.transfers_started,
-		       now_s() - g.t_start, after);
+		       now_mono() - g.t_start, after);
 	}
 	if ((after & (PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY)) != (PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY))
 		logmsg("ERROR: Command still 0x%04x after re-enabling", after);
@@ -1222,7 +1146,7 @@ enum irqkind { K_DMA, K_RAISE };
  * Returns 0 if received within the deadline, -1 if lost. */
 static int wait_irq(uint32_t expect, enum irqkind kind)
 {
-	double deadline = now_s() + g.irq_timeout_ms / 1000.0;
+	double deadline = now_mono() + g.irq_timeout_ms / 1000.0;
 	struct pollfd pfd = {.fd = irq_fd(), .events = POLLIN};
 	uint32_t status;
 	uint64_t epoch = g.pm_epoch;
@@ -1235,7 +1159,7 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 		g.st.raised_expected++;
 
 	for (;;) {
-		double rem = deadline - now_s();
+		double rem = deadline - now_mono();
 		int r;
 		uint64_t n;
 
@@ -1246,7 +1170,7 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 			suspend_sample();
 			if (!extended && g.pm_epoch != epoch) {
 				extended = true;
-				deadline = now_s() + g.irq_timeout_ms / 1000.0;
+				deadline = now_mono() + g.irq_timeout_ms / 1000.0;
 				logmsg("irq wait (0x%x) spanned a system suspend: one more %u ms", expect,
 				       g.irq_timeout_ms);
 				continue;
@@ -1274,7 +1198,7 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 					intx_disable_bit(true);
 					wr32(EDU_IRQ_RAISE, expect);
 					intx_disable_bit(false);
-					deadline = now_s() + g.irq_timeout_ms / 1000.0;
+					deadline = now_mono() + g.irq_timeout_ms / 1000.0;
 					continue;
 				}
 			}
@@ -1334,11 +1258,11 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 
 static int wait_dma_idle(double timeout_s)
 {
-	double deadline = now_s() + timeout_s;
+	double deadline = now_mono() + timeout_s;
 	struct timespec ts = {0, 1000000};
 
 	while (rd32(EDU_DMA_CMD) & EDU_DMA_RUN) {
-		if (now_s() > deadline)
+		if (now_mono() > deadline)
 			return -1;
 		nanosleep(&ts, NULL);
 	}
@@ -1611,7 +1535,7 @@ fail_rej:
 
 static void json_counters(struct sbuf *sb)
 {
-	double el = now_s() - g.t_start;
+	double el = now_mono() - g.t_start;
 
 	sb_printf(sb,
 		  "\"bdf\":\"%s\",\"backend\":\"%s\",\"irq\":\"%s\",\"size\":%u,\"slots\":%u,"
@@ -1661,7 +1585,7 @@ static void write_status(bool force)
 {
 	struct sbuf sb = {0};
 	char p[PATH_MAX];
-	double t = now_s();
+	double t = now_mono();
 
 	if (!force && t - g.last_status < 1.0)
 		return;
@@ -1670,7 +1594,7 @@ static void write_status(bool force)
 	json_counters(&sb);
 	sb_printf(&sb, "}\n");
 	dpath(p, sizeof(p), "edutest.status");
-	write_atomic(p, sb.p, sb.len);
+	write_atomic_len(p, sb.p, sb.len);
 	free(sb.p);
 }
 
@@ -1692,7 +1616,7 @@ static int write_ready(void)
 		sb_printf(&sb, "%s\"0x%" PRIx64 "\"", i ? "," : "", g.slot_pb[i].gpa);
 	sb_printf(&sb, "]}\n");
 	dpath(p, sizeof(p), "edutest.ready");
-	rc = write_atomic(p, sb.p, sb.len);
+	rc = write_atomic_len(p, sb.p, sb.len);
 	free(sb.p);
 	return rc;
 }
@@ -1711,10 +1635,10 @@ static void write_result(void)
 	sb_printf(&sb, "{");
 	json_counters(&sb);
 	sb_printf(&sb, ",\"stopped_by\":");
-	json_str(&sb, stop_reason);
+	sb_json_str(&sb, stop_reason);
 	sb_printf(&sb, ",\"pass\":%s}\n", result_pass() ? "true" : "false");
 	dpath(p, sizeof(p), "edutest.result");
-	if (write_atomic(p, sb.p, sb.len) < 0)
+	if (write_atomic_len(p, sb.p, sb.len) < 0)
 		logmsg("cannot write %s: %s", p, strerror(errno));
 	logmsg("result: %s", sb.p);
 	free(sb.p);
@@ -1758,7 +1682,7 @@ static void handle_corrupt(void)
 			 g.slot[s].transfer, g.slot_pb[s].gpa, off);
 	}
 	dpath(p, sizeof(p), "edutest.corrupt-done");
-	write_atomic(p, out, strlen(out));
+	write_atomic_len(p, out, strlen(out));
 }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -1906,7 +1830,7 @@ static int run_daemon(int notify_fd)
 
 	dpath(p, sizeof(p), "edutest.pid");
 	snprintf(pid, sizeof(pid), "%d\n", getpid());
-	write_atomic(p, pid, strlen(pid));
+	write_atomic_len(p, pid, strlen(pid));
 
 	logmsg("starting: bdf %s irq %s slots %u size %u timeout %u ms", g.bdf,
 	       g.irq == IRQ_MSI ? "msi" : "intx", g.slots, g.size, g.irq_timeout_ms);
@@ -1923,7 +1847,7 @@ static int run_daemon(int notify_fd)
 		unlink(p);
 		return 2;
 	}
-	g.t_start = now_s();
+	g.t_start = now_mono();
 	suspend_baseline();
 	if (write_ready() < 0) {
 		seterr("cannot write edutest.ready in %s: %s", g.dir, strerror(errno));
@@ -1982,15 +1906,14 @@ static void usage(FILE *f)
 		"  edutest status --dir D\n");
 }
 
-static int die_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int die_usage(const char *fmt, ...)
+/* A usage error: say what is wrong, show the usage, and return exit code 2. */
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
 {
 	va_list ap;
-	fprintf(stderr, "edutest: ");
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	prog_vwarn(fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "\n");
 	usage(stderr);
 	return 2;
 }
@@ -2049,13 +1972,13 @@ static int cmd_start(int argc, char **argv)
 			continue;
 		}
 		if (!v)
-			return die_usage("%s needs a value", a);
+			return usage_error("%s needs a value", a);
 		i++;
 		if (!strcmp(a, "--bdf")) {
 			snprintf(g.bdf, sizeof(g.bdf), "%s", v);
 		} else if (!strcmp(a, "--dir")) {
 			if (strlen(v) >= sizeof(g.dir) / 2 - 32)
-				return die_usage("--dir path too long");
+				return usage_error("--dir path too long");
 			snprintf(g.dir, sizeof(g.dir), "%s", v);
 		} else if (!strcmp(a, "--irq")) {
 			if (!strcmp(v, "msi"))
@@ -2063,7 +1986,7 @@ static int cmd_start(int argc, char **argv)
 			else if (!strcmp(v, "intx"))
 				g.irq = IRQ_INTX;
 			else
-				return die_usage("--irq must be msi or intx");
+				return usage_error("--irq must be msi or intx");
 		} else if (!strcmp(a, "--backend")) {
 			if (!strcmp(v, "auto"))
 				g.backend = BK_AUTO;
@@ -2074,44 +1997,44 @@ static int cmd_start(int argc, char **argv)
 			else if (!strcmp(v, "uio"))
 				g.backend = BK_UIO;
 			else
-				return die_usage("--backend must be auto, vfio, vfio-noiommu or uio");
+				return usage_error("--backend must be auto, vfio, vfio-noiommu or uio");
 		} else if (!strcmp(a, "--slots")) {
 			if (!parse_u(v, &n) || n < 1 || n > 60000)
-				return die_usage("--slots must be 1..60000");
+				return usage_error("--slots must be 1..60000");
 			g.slots = (unsigned)n;
 		} else if (!strcmp(a, "--size")) {
 			if (!parse_u(v, &n) || n < 1 || n > EDU_MAX_DMA)
-				return die_usage("--size must be 1..%u (QEMU 7.2 edu kills the VM on a 4096-byte DMA)",
+				return usage_error("--size must be 1..%u (QEMU 7.2 edu kills the VM on a 4096-byte DMA)",
 						 EDU_MAX_DMA);
 			g.size = (unsigned)n;
 		} else if (!strcmp(a, "--irq-timeout-ms")) {
 			if (!parse_u(v, &n) || n < 1 || n > 3600000)
-				return die_usage("--irq-timeout-ms must be 1..3600000");
+				return usage_error("--irq-timeout-ms must be 1..3600000");
 			g.irq_timeout_ms = (unsigned)n;
 		} else if (!strcmp(a, "--dma-bits")) {
 			if (!parse_u(v, &n) || n < 20 || n > 64)
-				return die_usage("--dma-bits must be 20..64");
+				return usage_error("--dma-bits must be 20..64");
 			g.dma_bits = (unsigned)n;
 		} else if (!strcmp(a, "--seed")) {
 			if (!parse_u(v, &n))
-				return die_usage("bad --seed");
+				return usage_error("bad --seed");
 			g.seed = n;
 		} else {
-			return die_usage("unknown option %s", a);
+			return usage_error("unknown option %s", a);
 		}
 	}
 	if (!g.bdf[0] || !g.dir[0])
-		return die_usage("start needs --bdf and --dir");
+		return usage_error("start needs --bdf and --dir");
 	if (g.naive_unmask && g.backend == BK_AUTO)
 		g.backend = BK_UIO;
 	if (g.naive_unmask && (g.backend != BK_UIO || g.irq != IRQ_INTX))
-		return die_usage("--naive-unmask only applies to --backend uio --irq intx");
+		return usage_error("--naive-unmask only applies to --backend uio --irq intx");
 	if (mkdir(g.dir, 0755) < 0 && errno != EEXIST) {
 		fprintf(stderr, "edutest: cannot create %s: %s\n", g.dir, strerror(errno));
 		return 2;
 	}
 	if (!strchr(g.bdf, ':') || strchr(g.bdf, '/'))
-		return die_usage("bad --bdf '%s' (want DDDD:BB:SS.F)", g.bdf);
+		return usage_error("bad --bdf '%s' (want DDDD:BB:SS.F)", g.bdf);
 	if (strlen(g.bdf) == 7) { /* BB:SS.F -> 0000:BB:SS.F */
 		char t[64];
 		snprintf(t, sizeof(t), "0000:%s", g.bdf);
@@ -2155,26 +2078,11 @@ static int cmd_start(int argc, char **argv)
 		return 2;
 	}
 	if (pid == 0) {
-		int fd;
 		close(pfd[0]);
-		setsid();
-		pid = fork();
-		if (pid < 0)
-			_exit(2);
-		if (pid > 0)
-			_exit(0);
+		detach();
 		dpath(p, sizeof(p), "edutest.log");
-		fd = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-		if (fd >= 0) {
-			dup2(fd, 1);
-			dup2(fd, 2);
-			close(fd);
-		}
-		fd = open("/dev/null", O_RDONLY);
-		if (fd >= 0) {
-			dup2(fd, 0);
-			close(fd);
-		}
+		stdout_stderr_to(open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+		stdin_from_devnull();
 		setvbuf(stderr, NULL, _IOLBF, 0);
 		if (chdir("/") < 0) {
 			/* harmless */
@@ -2209,16 +2117,6 @@ static int cmd_start(int argc, char **argv)
 	}
 }
 
-static int read_pid(void)
-{
-	char p[PATH_MAX], b[32];
-
-	dpath(p, sizeof(p), "edutest.pid");
-	if (read_file(p, b, sizeof(b)) < 0)
-		return -1;
-	return atoi(b);
-}
-
 static int print_result_and_exit(bool strict)
 {
 	char p[PATH_MAX], *res;
@@ -2248,28 +2146,28 @@ static int parse_dir_opts(int argc, char **argv, double *timeout, bool *strict, 
 			continue;
 		}
 		if (i + 1 >= argc)
-			return die_usage("%s needs a value", a);
+			return usage_error("%s needs a value", a);
 		const char *v = argv[++i];
 		if (!strcmp(a, "--dir")) {
 			if (strlen(v) >= sizeof(g.dir) / 2 - 32)
-				return die_usage("--dir path too long");
+				return usage_error("--dir path too long");
 			snprintf(g.dir, sizeof(g.dir), "%s", v);
 		} else if (!strcmp(a, "--timeout") && timeout) {
 			char *end;
 			*timeout = strtod(v, &end);
 			if (*end || *timeout <= 0)
-				return die_usage("bad --timeout");
+				return usage_error("bad --timeout");
 		} else if (!strcmp(a, "--slot") && slot) {
 			char *end;
 			*slot = strtol(v, &end, 0);
 			if (*end)
-				return die_usage("bad --slot");
+				return usage_error("bad --slot");
 		} else {
-			return die_usage("unknown option %s", a);
+			return usage_error("unknown option %s", a);
 		}
 	}
 	if (!g.dir[0])
-		return die_usage("--dir is required");
+		return usage_error("--dir is required");
 	return 0;
 }
 
@@ -2284,7 +2182,7 @@ static int cmd_verify(int argc, char **argv)
 	rc = parse_dir_opts(argc, argv, &timeout, &strict, NULL);
 	if (rc)
 		return rc;
-	pid = read_pid();
+	pid = read_pid(g.dir);
 	dpath(p, sizeof(p), "edutest.result");
 	if (pid <= 0 || !alive(pid)) {
 		if (path_exists(p))
@@ -2298,11 +2196,11 @@ static int cmd_verify(int argc, char **argv)
 		fprintf(stderr, "edutest: kill(%d, SIGUSR1): %s\n", pid, strerror(errno));
 		return 2;
 	}
-	deadline = now_s() + timeout;
-	while (now_s() < deadline) {
+	deadline = now_mono() + timeout;
+	while (now_mono() < deadline) {
 		if (path_exists(p)) {
 			/* give the daemon a moment to finish its teardown */
-			while (alive(pid) && now_s() < deadline)
+			while (alive(pid) && now_mono() < deadline)
 				nanosleep(&ts, NULL);
 			return print_result_and_exit(strict);
 		}
@@ -2353,7 +2251,7 @@ static int cmd_corrupt(int argc, char **argv)
 	rc = parse_dir_opts(argc, argv, &timeout, NULL, &slot);
 	if (rc)
 		return rc;
-	pid = read_pid();
+	pid = read_pid(g.dir);
 	if (pid <= 0 || !alive(pid)) {
 		fprintf(stderr, "edutest: no running daemon in %s\n", g.dir);
 		return 2;
@@ -2362,12 +2260,12 @@ static int cmd_corrupt(int argc, char **argv)
 	dpath(done, sizeof(done), "edutest.corrupt-done");
 	unlink(done);
 	snprintf(buf, sizeof(buf), "%ld\n", slot);
-	if (write_atomic(req, buf, strlen(buf)) < 0 || kill(pid, SIGUSR2) < 0) {
+	if (write_atomic_len(req, buf, strlen(buf)) < 0 || kill(pid, SIGUSR2) < 0) {
 		fprintf(stderr, "edutest: cannot send the request: %s\n", strerror(errno));
 		return 2;
 	}
-	deadline = now_s() + timeout;
-	while (now_s() < deadline && !path_exists(done))
+	deadline = now_mono() + timeout;
+	while (now_mono() < deadline && !path_exists(done))
 		nanosleep(&ts, NULL);
 	res = slurp(done);
 	if (!res) {
@@ -2398,5 +2296,5 @@ int main(int argc, char **argv)
 		usage(stdout);
 		return 0;
 	}
-	return die_usage("unknown command %s", argv[1]);
+	return usage_error("unknown command %s", argv[1]);
 }

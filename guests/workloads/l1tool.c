@@ -25,6 +25,7 @@
  *
  * Exit codes: 0 ok, 1 operation failed (e.g. no MSI capability), 2 usage error.
  * Build: gcc -O2 -static -Wall -Wextra -o l1tool l1tool.c
+ * (one static binary; the helpers shared with the other workloads come from workload.h)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,41 +45,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#define WL_PROG "l1tool"
+#include "workload.h"
+
 #define MIB (1024ULL * 1024ULL)
 #define MIN_GRANULE (2 * MIB)
 #define WINDOW (64 * MIB)
-
-static void die(int code, const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	fputs("l1tool: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(code);
-}
-
-static double now_mono(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static uint64_t parse_u64(const char *opt, const char *s)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || end == s || *end || s[0] == '-')
-		die(2, "%s: not a non-negative integer: '%s'", opt, s);
-	return v;
-}
 
 /* Read one unsigned integer from a sysfs attribute; 0 if absent. */
 static uint64_t sysfs_u64(const char *path)

@@ -19,7 +19,8 @@
  * timeout error.
  *
  * Build: gcc -O2 -static -Wall -Wextra -o memcheck memcheck.c
- * Standalone on purpose: the guest has only busybox.
+ * Standalone on purpose (the guest has only busybox): one static binary, with the helpers it
+ * shares with the other workloads taken from the single header workload.h.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +41,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define WL_PROG "memcheck"
+#include "workload.h"
+
 #define PAGE_SIZE_B 4096u
 #define PAGE_WORDS (PAGE_SIZE_B / 8)
 #define MAGIC32 0x4d43484bULL /* "MCHK" */
@@ -47,179 +51,6 @@
 #define DEFAULT_HZ 2000
 
 /* ------------------------------------------------------------------ utils */
-
-static double now_mono(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void sleep_ms(long ms)
-{
-	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-
-	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
-		;
-}
-
-static void die_usage(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	fputs("memcheck: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(2);
-}
-
-static uint64_t parse_u64(const char *opt, const char *s)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || end == s || *end || s[0] == '-')
-		die_usage("%s: not a non-negative integer: '%s'", opt, s);
-	return v;
-}
-
-static void path_in(char *out, size_t n, const char *dir, const char *name)
-{
-	if ((size_t)snprintf(out, n, "%s/%s", dir, name) >= n)
-		die_usage("path too long: %s/%s", dir, name);
-}
-
-/* Read a whole small file into a malloc'd NUL-terminated buffer (NULL on error). */
-static char *slurp(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	size_t cap = 4096, len = 0;
-	char *buf;
-	ssize_t r;
-
-	if (fd < 0)
-		return NULL;
-	buf = malloc(cap + 1);
-	if (!buf) {
-		close(fd);
-		return NULL;
-	}
-	for (;;) {
-		if (len == cap) {
-			char *nb = realloc(buf, cap * 2 + 1);
-
-			if (!nb)
-				break;
-			buf = nb;
-			cap *= 2;
-		}
-		r = read(fd, buf + len, cap - len);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		len += (size_t)r;
-	}
-	close(fd);
-	buf[len] = 0;
-	return buf;
-}
-
-/* Write a file atomically: a reader sees the old file, no file, or all of the new one. */
-static int write_atomic(const char *path, const char *text)
-{
-	char tmp[PATH_MAX + 16];
-	size_t len = strlen(text), off = 0;
-	int fd;
-
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return -1;
-	while (off < len) {
-		ssize_t w = write(fd, text + off, len - off);
-
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0) {
-			close(fd);
-			return -1;
-		}
-		off += (size_t)w;
-	}
-	fsync(fd);
-	close(fd);
-	return rename(tmp, path);
-}
-
-/* Growable string buffer for building JSON without fixed-size surprises. */
-struct sbuf {
-	char *p;
-	size_t len, cap;
-};
-
-static void sb_printf(struct sbuf *b, const char *fmt, ...)
-{
-	va_list ap;
-	int n;
-
-	for (;;) {
-		size_t room = b->cap - b->len;
-
-		va_start(ap, fmt);
-		n = vsnprintf(b->p ? b->p + b->len : NULL, room, fmt, ap);
-		va_end(ap);
-		if (n < 0)
-			return;
-		if ((size_t)n < room) {
-			b->len += (size_t)n;
-			return;
-		}
-		b->cap = (b->cap + (size_t)n + 1) * 2;
-		b->p = realloc(b->p, b->cap);
-		if (!b->p) {
-			fputs("memcheck: out of memory\n", stderr);
-			exit(1);
-		}
-	}
-}
-
-static pid_t read_pid(const char *dir)
-{
-	char path[PATH_MAX];
-	char *s;
-	long pid;
-
-	path_in(path, sizeof(path), dir, "memcheck.pid");
-	s = slurp(path);
-	if (!s)
-		return -1;
-	pid = strtol(s, NULL, 10);
-	free(s);
-	return pid > 0 ? (pid_t)pid : -1;
-}
-
-/* A zombie still answers kill(pid, 0) until its new parent reaps it, which some inits do
- * lazily: treat it as dead, as the daemon's work is over. */
-static int pid_alive(pid_t pid)
-{
-	char path[64], *s, *p;
-	int zombie = 0;
-
-	if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM))
-		return 0;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	s = slurp(path);
-	if (s && (p = strrchr(s, ')')) && p[1] == ' ')
-		zombie = p[2] == 'Z' || p[2] == 'X';
-	free(s);
-	return !zombie;
-}
 
 /* Physical address of the page holding va, from pagemap (PFN bits 0-54, present bit 63).
  * Returns 0 when unknown: not root (PFN reads as 0), page not present, or no pagemap. */
@@ -246,14 +77,6 @@ static void sb_paddr(struct sbuf *b, uint64_t pa)
 }
 
 /* ---------------------------------------------------------------- pattern */
-
-/* splitmix64 finaliser: a cheap, well-mixed 64-bit bijection. */
-static inline uint64_t mix64(uint64_t z)
-{
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
 
 /* Expected contents of one page. Words 0-1 are a header (magic|page, generation|seed)
  * so a page moved or left at an old generation is recognisable in a hex dump; the
@@ -325,17 +148,6 @@ static struct {
 	int nev;
 	int pagemap_fd;
 } g;
-
-static void dlog(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	fflush(stderr);
-}
 
 static void add_evidence(const struct mismatch *m)
 {
@@ -495,17 +307,7 @@ static void writer_loop(void)
 		if (g.hz) {
 			/* Pace against an absolute schedule so the rate does not drift; after a long
 			 * stall (the VM was stopped) start a new schedule instead of bursting. */
-			double target = t0 + (double)n / (double)g.hz, now = now_mono();
-
-			if (now - target > 1.0) {
-				t0 = now;
-				n = 0;
-			} else if (target > now) {
-				double d = target - now;
-
-				ts.tv_sec = (time_t)d;
-				ts.tv_nsec = (long)((d - (double)ts.tv_sec) * 1e9);
-			}
+			pace(&t0, &n, (double)g.hz, now_mono(), &ts);
 			/* Signals stay blocked; this both sleeps and polls for them without races. */
 			sig = sigtimedwait(&set, &si, &ts);
 		} else {
@@ -549,7 +351,7 @@ static void writer_loop(void)
 /* Runs in the daemon; reports readiness (or the reason it failed) on status_fd. */
 static int daemon_main(int status_fd)
 {
-	char path[PATH_MAX], pidtxt[32];
+	char path[PATH_MAX];
 	size_t bytes = (size_t)(g.mib << 20);
 	sigset_t set;
 	uint64_t i;
@@ -560,12 +362,8 @@ static int daemon_main(int status_fd)
 	sigaddset(&set, SIGUSR2);
 	sigprocmask(SIG_BLOCK, &set, NULL);
 
-	path_in(path, sizeof(path), g.dir, "memcheck.pid");
-	snprintf(pidtxt, sizeof(pidtxt), "%d\n", (int)getpid());
-	if (write_atomic(path, pidtxt) != 0) {
-		dprintf(status_fd, "cannot write %s: %s\n", path, strerror(errno));
+	if (write_pid_file(g.dir, status_fd) != 0)
 		return 1;
-	}
 	g.pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	/* No MAP_POPULATE here: MADV_NOHUGEPAGE must come before the pages exist, so that
 	 * khugepaged never collapses (moves) them and the physical addresses we report stay
@@ -620,34 +418,19 @@ struct opts {
 
 static void parse_opts(int argc, char **argv, struct opts *o)
 {
-	int i;
+	const struct option_spec specs[] = {
+		{ "--dir", &o->dir, NULL, NULL },
+		{ "--mib", NULL, &o->mib, &o->have_mib },
+		{ "--seed", NULL, &o->seed, &o->have_seed },
+		{ "--writer-hz", NULL, &o->hz, NULL },
+		{ "--page", NULL, &o->page, &o->have_page },
+		{ "--byte", NULL, &o->byte, &o->have_byte },
+		{ "--bit", NULL, &o->bit, &o->have_bit },
+		{ "--timeout", NULL, &o->timeout, NULL },
+		{ NULL, NULL, NULL, NULL },
+	};
 
-	for (i = 2; i < argc; i++) {
-		const char *a = argv[i];
-		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-
-		if (!v)
-			die_usage("%s: missing value", a);
-		if (!strcmp(a, "--dir"))
-			o->dir = v;
-		else if (!strcmp(a, "--mib"))
-			o->mib = parse_u64(a, v), o->have_mib = 1;
-		else if (!strcmp(a, "--seed"))
-			o->seed = parse_u64(a, v), o->have_seed = 1;
-		else if (!strcmp(a, "--writer-hz"))
-			o->hz = parse_u64(a, v);
-		else if (!strcmp(a, "--page"))
-			o->page = parse_u64(a, v), o->have_page = 1;
-		else if (!strcmp(a, "--byte"))
-			o->byte = parse_u64(a, v), o->have_byte = 1;
-		else if (!strcmp(a, "--bit"))
-			o->bit = parse_u64(a, v), o->have_bit = 1;
-		else if (!strcmp(a, "--timeout"))
-			o->timeout = parse_u64(a, v);
-		else
-			die_usage("unknown option '%s'", a);
-		i++;
-	}
+	parse_options(argc, argv, 2, specs);
 	if (!o->dir)
 		die_usage("--dir is required");
 }
@@ -667,12 +450,8 @@ static void clear_state_files(const char *dir)
 
 static int cmd_start(struct opts *o)
 {
-	char path[PATH_MAX], status[512];
 	int pfd[2];
 	pid_t pid, old;
-	ssize_t n = 0;
-	struct pollfd pl;
-	char *ready;
 
 	if (!o->have_mib || !o->have_seed)
 		die_usage("start needs --mib and --seed");
@@ -690,100 +469,26 @@ static int cmd_start(struct opts *o)
 	g.pages = o->mib * (1048576 / PAGE_SIZE_B);
 	g.pagemap_fd = -1;
 
-	if (pipe2(pfd, O_CLOEXEC) != 0)
-		die_usage("pipe: %s", strerror(errno));
-	fflush(NULL);
-	pid = fork();
-	if (pid < 0)
-		die_usage("fork: %s", strerror(errno));
-	if (pid == 0) {
-		int fd;
-
-		/* Double fork + setsid: the daemon is reparented to init and has no controlling
-		 * terminal, so the shell (or serial console session) that started it can go away. */
-		close(pfd[0]);
-		setsid();
-		pid = fork();
-		if (pid < 0)
-			_exit(1);
-		if (pid > 0)
-			_exit(0);
-		if (chdir("/") != 0)
-			_exit(1);
-		fd = open("/dev/null", O_RDONLY);
-		if (fd >= 0) {
-			dup2(fd, 0);
-			close(fd);
-		}
-		path_in(path, sizeof(path), g.dir, "memcheck.log");
-		fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-		if (fd < 0)
-			fd = open("/dev/null", O_WRONLY);
-		if (fd >= 0) {
-			dup2(fd, 1);
-			dup2(fd, 2);
-			close(fd);
-		}
+	pid = fork_daemon(g.dir, pfd);
+	if (pid == 0)
 		_exit(daemon_main(pfd[1]));
-	}
-	close(pfd[1]);
 	waitpid(pid, NULL, 0);
-
 	/* The daemon writes "ok" once the region is filled, or why it failed; EOF means it died. */
-	pl.fd = pfd[0];
-	pl.events = POLLIN;
-	if (poll(&pl, 1, o->timeout ? (int)(o->timeout * 1000) : 600000) <= 0) {
-		fprintf(stderr, "memcheck: daemon not ready after %" PRIu64 " s\n", o->timeout ? o->timeout : 600);
-		return 2;
-	}
-	n = read(pfd[0], status, sizeof(status) - 1);
-	status[n > 0 ? n : 0] = 0;
-	close(pfd[0]);
-	if (strncmp(status, "ok", 2) != 0) {
-		fprintf(stderr, "memcheck: daemon failed: %s\n", n > 0 ? status : "exited without a word (see memcheck.log)");
-		return 1;
-	}
-	path_in(path, sizeof(path), g.dir, "memcheck.ready");
-	ready = slurp(path);
-	if (!ready) {
-		fprintf(stderr, "memcheck: %s missing\n", path);
-		return 1;
-	}
-	fputs(ready, stdout);
-	free(ready);
-	return 0;
+	return await_ready(pfd[0], o->timeout, g.dir);
 }
 
 static int cmd_verify(struct opts *o)
 {
-	char path[PATH_MAX];
-	pid_t pid = read_pid(o->dir);
-	double deadline = now_mono() + (double)(o->timeout ? o->timeout : 600);
 	char *res, *p;
-	int ok;
+	int ok, rc;
 
-	path_in(path, sizeof(path), o->dir, "memcheck.result");
-	if (pid_alive(pid)) {
-		unlink(path);
-		if (kill(pid, SIGUSR1) != 0)
-			die_usage("kill(%d, SIGUSR1): %s", (int)pid, strerror(errno));
+	res = request_result(o->dir, o->timeout, &rc);
+	if (!res && rc == -1) {
+		fprintf(stderr, "memcheck: no result after %" PRIu64 " s\n", o->timeout ? o->timeout : 600);
+		return 2;
 	}
-	/* If the daemon is gone, a result it left behind is still the answer. */
-	while (access(path, F_OK) != 0) {
-		if (!pid_alive(pid) && access(path, F_OK) != 0) {
-			fprintf(stderr, "memcheck: no daemon running in %s and no result (see memcheck.log)\n", o->dir);
-			return 2;
-		}
-		if (now_mono() > deadline) {
-			fprintf(stderr, "memcheck: no result after %" PRIu64 " s\n", o->timeout ? o->timeout : 600);
-			return 2;
-		}
-		sleep_ms(10);
-	}
-	res = slurp(path);
 	if (!res)
-		die_usage("cannot read %s", path);
-	fputs(res, stdout);
+		return rc;
 	p = strstr(res, "\"bad_pages\": ");
 	if (!p) {
 		free(res);
@@ -831,20 +536,6 @@ static int cmd_phys(struct opts *o)
 	return pa ? 0 : 1;
 }
 
-static int cmd_stop(struct opts *o)
-{
-	pid_t pid = read_pid(o->dir);
-	int i;
-
-	if (!pid_alive(pid))
-		return 0;
-	kill(pid, SIGTERM);
-	for (i = 0; i < 500 && pid_alive(pid); i++)
-		sleep_ms(10);
-	if (pid_alive(pid))
-		kill(pid, SIGKILL);
-	return 0;
-}
 
 static int cmd_selftest_flip(struct opts *o)
 {
@@ -895,7 +586,7 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "phys"))
 		return cmd_phys(&o);
 	if (!strcmp(argv[1], "stop"))
-		return cmd_stop(&o);
+		return stop_daemon(o.dir);
 	if (!strcmp(argv[1], "selftest-flip"))
 		return cmd_selftest_flip(&o);
 	die_usage("unknown command '%s'", argv[1]);
