@@ -3,35 +3,22 @@ Golden files: tests/golden/pipelines/; regenerate with FASTRESTART_UPDATE_GOLDEN
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from goldens import GOLDEN, assert_golden
 
 from harness import pipelines
 from harness.errors import UsageError
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 MATRIX = GOLDEN / "fixtures" / "matrix.yaml"
-UPDATE = os.environ.get("FASTRESTART_UPDATE_GOLDEN") == "1"
 NAMES = ["trixie-cpr-reboot", "bookworm-cpr-reboot-unsupported", "trixie-mem-flip",
          "trixie-sid-cpr-reboot-edu"]
 SCHEMAS = {"gitlab": "vendor.gitlab-ci", "github": "vendor.github-workflows"}
 
-
-def assert_golden(actual: str, name: str) -> None:
-    """Compare with tests/golden/<name>, or rewrite it when FASTRESTART_UPDATE_GOLDEN=1."""
-    path = GOLDEN / name
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual, encoding="utf-8")
-    assert path.exists(), f"missing golden file {path}; create it with FASTRESTART_UPDATE_GOLDEN=1"
-    assert actual == path.read_text(encoding="utf-8"), (
-        f"{name} differs from the golden file; if the change is intended, regenerate with "
-        "FASTRESTART_UPDATE_GOLDEN=1 pytest tests/unit")
 
 
 def write_matrix(tmp_path: Path, text: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import html.parser
 import json
-import os
 import shutil
 import subprocess
 import urllib.parse
@@ -15,25 +14,12 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from goldens import FIXTURES, assert_golden
 
 from harness import report, results
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-FIXTURES = GOLDEN / "fixtures" / "results"
-UPDATE = os.environ.get("FASTRESTART_UPDATE_GOLDEN") == "1"
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
-
-def assert_golden(actual: str, name: str) -> None:
-    """Compare with tests/golden/<name>, or rewrite it when FASTRESTART_UPDATE_GOLDEN=1."""
-    path = GOLDEN / name
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual, encoding="utf-8")
-    assert path.exists(), f"missing golden file {path}; create it with FASTRESTART_UPDATE_GOLDEN=1"
-    assert actual == path.read_text(encoding="utf-8"), (
-        f"{name} differs from the golden file; if the change is intended, regenerate with "
-        "FASTRESTART_UPDATE_GOLDEN=1 pytest tests/unit")
 
 
 @pytest.fixture
