@@ -94,6 +94,28 @@ def print_summary(result: dict, run_dir: Path) -> None:
     print(f"  results: {run_dir}/result.json  logs: {run_dir}/logs/")
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Clean runs of many restart cycles: every FAIL is a false positive (or a real flake)."""
+    out = Path(args.results or Path("results") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}")
+    tally: dict[str, dict[str, int]] = {}
+    for run in range(1, args.runs + 1):
+        cell = _cell_from(args, cycles=args.cycles, name=f"soak-{run}")
+        progress = Progress(f"soak run {run}/{args.runs} ({args.cycles} cycles)")
+        result = run_cell(cell, out / f"run-{run}", progress)
+        progress.done()
+        for name, check in result["checks"].items():
+            tally.setdefault(name, {}).setdefault(check["verdict"], 0)
+            tally[name][check["verdict"]] += 1
+        print(f"run {run}: {result['verdict']} {result['reason']}  (downtime {result['downtime_s']})", flush=True)
+    restarts = args.runs * args.cycles
+    false_positives = sum(counts.get("FAIL", 0) for counts in tally.values())
+    summary = {"runs": args.runs, "cycles_per_run": args.cycles, "restarts": restarts, "checks": tally,
+               "false_positives": false_positives}
+    (out / "soak.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0 if false_positives == 0 else 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     facts = doctor_facts()
     accel = facts["accel"]
@@ -224,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mem-check", type=int, help="MiB of L2 RAM the memory check fills (default: most of it)")
     run.add_argument("--results", help="result directory (default ./results/<timestamp>)")
     run.set_defaults(func=cmd_run)
+
+    soak = sub.add_parser("soak", help="clean runs of many cycles; reports false positives (not run in CI)")
+    _cell_arguments(soak)
+    soak.add_argument("--cycles", type=int, default=20)
+    soak.add_argument("--runs", type=int, default=1)
+    soak.add_argument("--results")
+    soak.set_defaults(func=cmd_soak)
 
     doctor = sub.add_parser("doctor", help="what this machine has and lacks")
     doctor.add_argument("--json")
