@@ -37,13 +37,19 @@ class Terminated(BaseException):
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM/SIGHUP into an exception in the main thread (idempotent)."""
+    """Turn SIGINT into KeyboardInterrupt and SIGTERM/SIGHUP into Terminated (idempotent).
+
+    SIGINT is set explicitly: a parent that ignores it (a background job of a script, a test
+    runner's worker) would otherwise pass SIG_IGN on, and Python then never raises
+    KeyboardInterrupt, so `timeout -s INT` could not stop the harness.
+    """
 
     def handler(signum: int, _frame: object) -> None:
         raise Terminated(f"received {signal.Signals(signum).name}")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+    with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, handler)
 
 
