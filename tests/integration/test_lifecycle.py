@@ -30,10 +30,23 @@ def qemu_pids_for(marker: Path) -> list[int]:
     return pids
 
 
-def start(tmp_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--results", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+@pytest.fixture
+def start(tmp_path: Path):
+    """Start the harness CLI; whatever the test does, the process does not outlive it."""
+    procs: list[subprocess.Popen] = []
+
+    def launch(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--results", str(tmp_path / "run")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=Path(__file__).resolve().parents[2])
+        procs.append(proc)
+        return proc
+
+    yield launch
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def wait_for_qemu(tmp_path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -45,8 +58,8 @@ def wait_for_qemu(tmp_path: Path, proc: subprocess.Popen, timeout: float = 300) 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_mid_boot_leaves_no_qemu_and_keeps_logs(tmp_path, sig):
-    proc = start(tmp_path, "rig", "check")
+def test_signal_mid_boot_leaves_no_qemu_and_keeps_logs(tmp_path, start, sig):
+    proc = start("rig", "check")
     wait_for_qemu(tmp_path, proc)
     time.sleep(3)  # mid-boot
     proc.send_signal(sig)
@@ -60,8 +73,8 @@ def test_signal_mid_boot_leaves_no_qemu_and_keeps_logs(tmp_path, sig):
     assert console.exists() and console.stat().st_size > 0
 
 
-def test_killed_harness_takes_its_vms_with_it(tmp_path):
-    proc = start(tmp_path, "rig", "check")
+def test_killed_harness_takes_its_vms_with_it(tmp_path, start):
+    proc = start("rig", "check")
     wait_for_qemu(tmp_path, proc)
     os.kill(proc.pid, signal.SIGKILL)  # no handler, no finally: only PR_SET_PDEATHSIG is left
     proc.wait(timeout=30)
@@ -72,9 +85,9 @@ def test_killed_harness_takes_its_vms_with_it(tmp_path):
 
 
 @pytest.mark.parametrize("kernel", ["debian:trixie", "debian:bookworm", "debian:sid"])
-def test_rig_check_reports_every_part(tmp_path, kernel):
+def test_rig_check_reports_every_part(tmp_path, start, kernel):
     out = tmp_path / "rig.json"
-    proc = start(tmp_path, "rig", "check", "--kernel", kernel, "--json", str(out))
+    proc = start("rig", "check", "--kernel", kernel, "--json", str(out))
     output, _ = proc.communicate(timeout=900)
     report = json.loads(out.read_text())
     assert proc.returncode == 0, output
