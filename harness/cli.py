@@ -98,6 +98,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     """Clean runs of many restart cycles: every FAIL is a false positive (or a real flake)."""
     out = Path(args.results or Path("results") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}")
     tally: dict[str, dict[str, int]] = {}
+    verdicts: list[str] = []
     for run in range(1, args.runs + 1):
         cell = _cell_from(args, cycles=args.cycles, name=f"soak-{run}")
         progress = Progress(f"soak run {run}/{args.runs} ({args.cycles} cycles)")
@@ -107,13 +108,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
             tally.setdefault(name, {}).setdefault(check["verdict"], 0)
             tally[name][check["verdict"]] += 1
         print(f"run {run}: {result['verdict']} {result['reason']}  (downtime {result['downtime_s']})", flush=True)
-    restarts = args.runs * args.cycles
+        verdicts.append(result["verdict"])
     false_positives = sum(counts.get("FAIL", 0) for counts in tally.values())
-    summary = {"runs": args.runs, "cycles_per_run": args.cycles, "restarts": restarts, "checks": tally,
-               "false_positives": false_positives}
+    summary = {"runs": args.runs, "cycles_per_run": args.cycles, "restarts": args.runs * args.cycles,
+               "verdicts": verdicts, "checks": tally, "false_positives": false_positives}
     (out / "soak.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
-    return 0 if false_positives == 0 else 1
+    return 0 if set(verdicts) == {"PASS"} else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -149,7 +149,7 @@ class Flow:
         """The guest suspends itself to RAM (cpr-reboot with devices attached needs it)."""
         since = len(self.l2.qmp.events)
         self.l2.console.send("echo mem > /sys/power/state; echo FR-WO''KE")
-        event = self.l2.qmp.wait_event("SUSPEND", timeout=60, step="save", since=since)
+        event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
         return {"suspended_at": event.received}
 
     def unplug_vfio(self) -> list[str]:
