@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checks, faults
-from .errors import FastRestartError, StepError
+from .errors import ConsoleTimeout, FastRestartError, StepError
 from .guest import L2
 from .modes import Mode
 from .probes import QemuCaps
@@ -151,6 +151,18 @@ class Flow:
         self.l2.console.send("echo mem > /sys/power/state; echo FR-WO''KE")
         event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
         return {"suspended_at": event.received}
+
+    def fail_if_guest_died(self, exc: Exception) -> None:
+        """A guest that stopped answering because its QEMU stopped it is a FAIL of the system under
+        test (e.g. KVM_RUN failing after a hand-over), not a broken rig."""
+        try:
+            status = self.l2.qmp.cmd("query-status", step="liveness", timeout=10)["status"]
+        except StepError:
+            status = "unknown (QMP gone)"
+        if status in ("internal-error", "guest-panicked", "shutdown", "io-error") or status.startswith("unknown"):
+            _, qemu_log = self.rig.sh.run(f"tail -5 {self.l2.log_path} | cut -c1-300")
+            raise CheckFailed("liveness", f"L2 stopped after the restart: its QEMU reports runstate {status}",
+                              {"console": str(exc)[:500], "l2 qemu log": qemu_log}) from exc
 
     def unplug_vfio(self) -> list[str]:
         names = []
@@ -327,7 +339,11 @@ class Flow:
             facts["resumed_at"] = self.restore_observed_at
             facts["resume_observed_by"] = "query-status (upper bound)"
         facts["downtime_qmp_s"] = round(facts["resumed_at"] - self.cycle_record["evidence"]["save"]["stopped_at"], 3)
-        self.readings["after"] = checks.liveness_reading(self.l2, self.rig)
+        try:
+            self.readings["after"] = checks.liveness_reading(self.l2, self.rig)
+        except (StepError, ConsoleTimeout) as exc:
+            self.fail_if_guest_died(exc)
+            raise
         # After the guest runs again: a guest's own resume would otherwise re-enable what we mask.
         facts.update(faults.inject_after_resume(self))
         return facts

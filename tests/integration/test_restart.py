@@ -95,21 +95,22 @@ def test_ignore_shared_without_devices_on_fsdax(tmp_path):
 def test_cpr_transfer_keeps_the_host_and_changes_the_qemu(tmp_path):
     """The hand-over itself must work; what it does to the assigned devices is the finding.
 
-    Measured here (QEMU 11.1 in L1, kernel 6.12): the guest and its RAM carry on with sub-second
-    downtime, but edu's Bus Master Enable is cleared at the hand-over and INTx interrupts are lost
-    afterwards (DESIGN §10 saw "failed to setup resample irqfd"). So dma/interrupts are asserted to
-    have run with evidence, not to pass; the conformance matrix reports their verdict.
+    Measured here (QEMU 11.1 in L1, kernel 6.12), two outcomes: either the guest carries on with
+    sub-second downtime but edu's Bus Master Enable is cleared at the hand-over and INTx interrupts
+    are lost ("failed to setup resample irqfd"), or the new QEMU stops the guest with "kvm run
+    failed Bad address" on edu's BAR. So the test asserts the hand-over and an honest verdict
+    (FAIL with evidence, never ERROR); the conformance matrix reports the verdicts.
     """
     result = run(tmp_path, l1_qemu="sid", mode="cpr-transfer")
-    assert result["verdict"] in ("PASS", "FAIL"), result["reason"] or result["error"]
-    assert checks(result)["liveness"] == checks(result)["memory"] == "PASS"
+    assert result["verdict"] in ("PASS", "FAIL"), result["reason"] or result["error"]  # never ERROR
     assert len(result["l1"]["boot_ids"]) == 1  # no host reboot
-    live = result["checks"]["liveness"]["evidence"]["cycles"][0]
-    assert live["qemu_pid_before"] != live["qemu_pid_after"]
-    assert live["l1_boot_id_before"] == live["l1_boot_id_after"]
-    assert result["checks"]["dma"]["verdict"] in ("PASS", "FAIL")
-    assert result["checks"]["dma"]["evidence"]["edu"]["transfers"] > 0  # DMA exercised before and after
-    assert result["downtime_s"]["qmp"] < 30
+    save = result["per_cycle"][0]["evidence"]["save"]
+    assert save["old_pid"] != save["new_pid"] and save["migration"]["status"] == "completed"
+    if checks(result)["liveness"] == "PASS":
+        assert result["checks"]["dma"]["evidence"]["edu"]["transfers"] > 0  # DMA exercised before and after
+        assert result["downtime_s"]["qmp"] < 30
+    else:  # seen here: "kvm run failed Bad address" on edu's BAR after the hand-over stops the guest
+        assert "runstate" in result["checks"]["liveness"]["reason"]
 
 
 def test_hotplug_on_qemu_7_2_is_the_guest_visible_baseline(tmp_path):
