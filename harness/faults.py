@@ -2,7 +2,8 @@
 
 - ``mem-flip``: bytes of L2's RAM flipped in PMEM between save and restore (in L1, by mmap).
 - ``mem-lost``: the new kernel boots without the memmap= reservation (flow.kexec drops it).
-- ``dma-corrupt``: DMA payloads that edu wrote into L2 RAM are corrupted in PMEM while L2 is down.
+- ``dma-corrupt``: DMA payloads that edu wrote into L2 RAM are corrupted in PMEM while L2 is down
+  (after L1's "after" digest, so that only the DMA check can catch it).
 - ``irq-drop``: right after the resume, the assigned edu's interrupt is masked in the physical device
   (from L1, under vfio-pci) and never unmasked, so interrupts raised after the resume are lost.
 
@@ -61,15 +62,23 @@ def _flip(rig: Rig, path: str, offsets: list[int]) -> list[str]:
     return lines
 
 
-def inject_before_kexec(flow: Flow) -> dict:
-    """Faults that hit L2's RAM while L2 is down (called from the record step)."""
+def inject_after_save(flow: Flow) -> dict:
+    """mem-flip: L2's RAM corrupted in PMEM right after the save (called from the record step,
+    after the "before" digest, so both the guest's check and L1's digest can see it)."""
+    fault, rig = flow.options.inject, flow.rig
+    if fault != "mem-flip":
+        return {}
+    samples = [s for s in flow.workloads.ready["memory"]["samples"] if s.get("paddr")]
+    target = samples[len(samples) // 2]
+    offset = gpa_to_offset(int(target["paddr"], 16), rig.config.l2_mem_mib * MIB) + 123
+    return {"injected": fault, "target": target, "flips": _flip(rig, flow.ram_path, [offset])}
+
+
+def inject_before_restore(flow: Flow) -> dict:
+    """dma-corrupt: payloads edu landed in L2's RAM are corrupted while L2 is down, after the
+    new kernel took its PMEM digest: only the DMA check's own re-verification can see it."""
     fault, rig = flow.options.inject, flow.rig
     ram_bytes = rig.config.l2_mem_mib * MIB
-    if fault == "mem-flip":
-        samples = [s for s in flow.workloads.ready["memory"]["samples"] if s.get("paddr")]
-        target = samples[len(samples) // 2]
-        offset = gpa_to_offset(int(target["paddr"], 16), ram_bytes) + 123
-        return {"injected": fault, "target": target, "flips": _flip(rig, flow.ram_path, [offset])}
     if fault == "dma-corrupt":
         slots = flow.workloads.edu_slots
         offsets = [gpa_to_offset(int(gpa, 16), ram_bytes) + 17 for gpa in slots]

@@ -251,7 +251,7 @@ class Flow:
         facts = {"record": record}
         if self.options.l1_digest and self.mode.restarts_host and self.ram_path:
             facts["ram_digest_before"] = faults.digest(self.rig, self.ram_path, self.rig.config.l2_mem_mib)
-        facts.update(faults.inject_before_kexec(self))
+        facts.update(faults.inject_after_save(self))
         return facts
 
     @step("kexec")
@@ -323,7 +323,9 @@ class Flow:
 
     @step("restore")
     def restore(self) -> dict:
+        injected = faults.inject_before_restore(self)
         facts = self.mode.restore(self)
+        facts.update(injected)
         self.restore_observed_at = time.time()
         return facts
 
