@@ -118,6 +118,3 @@ def kernel_report(kernel: Kernel) -> dict:
     options = kernel.config_options()
     return {name: options.get(name, "n") for name in [*RIG_KERNEL_OPTIONS, *LUO_KERNEL_OPTIONS]}
 
-
-def config_path(kernel: Kernel) -> Path | None:
-    return kernel.config

@@ -269,10 +269,6 @@ class Rig:
         raise StepError("reserve", f"no PMEM region at {offset_mib} MiB: the memmap= reservation is missing",
                         {"regions": out, "cmdline": self.sh.run("cat /proc/cmdline")[1]})
 
-    def _namespace_devices(self, region: str) -> str:
-        return self.sh.check(f"ls /sys/bus/nd/devices/{region}/ /sys/bus/nd/devices/ 2>/dev/null | tr '\\n' ' '",
-                             step="reserve")
-
     def ram_backend_kind(self) -> str:
         kind = self.config.ram_backend
         if kind == "auto":

@@ -6,6 +6,7 @@ and every layer's log; the rig is torn down on every exit path.
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -17,7 +18,7 @@ from . import faults, images, kernels, modes, probes, results
 from .checks import CHECKS, not_run, verdict
 from .errors import FastRestartError, GuestPanic, StepError, Unsupported, UsageError
 from .flow import PHASES, CheckFailed, Flow, FlowOptions, summarize_phases
-from .rig import Rig, RigConfig, l0_qemu
+from .rig import Rig, RigConfig, l0_qemu, parse_size_mib
 
 
 @dataclass
@@ -61,15 +62,10 @@ def _empty_result(cell: Cell, run_dir: Path) -> dict:
         "checks": {name: not_run("the run ended before this check") for name in CHECKS},
         "cycles": cell.cycles, "per_cycle": [], "attempt": 1,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": 0.0,
-        "host": {"hostname": socket.gethostname(), "cpus": _cpus(), "l0_qemu": "", "python": platform.python_version()},
+        "host": {"hostname": socket.gethostname(), "cpus": os.cpu_count() or 0, "l0_qemu": "",
+                 "python": platform.python_version()},
         "logs": {}, "error": None, "results_dir": str(run_dir),
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 def probe(cell: Cell, rig_config: RigConfig) -> tuple[probes.QemuCaps, modes.Mode, dict]:
@@ -100,7 +96,7 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
     rig_config = RigConfig(
         kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
         l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
-        l2_mem_mib=_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram)
+        l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram)
     flow = rig = None
     try:
         progress("probe")
@@ -148,12 +144,6 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
         results.write_result(result, run_dir)
         results.write_junit([result], run_dir / "junit.xml", suite="fastrestart")
     return result
-
-
-def _mib(text: str) -> int:
-    from .rig import parse_size_mib
-
-    return parse_size_mib(text)
 
 
 def _collect(result: dict, flow: Flow | None, rig: Rig | None) -> None:
