@@ -71,7 +71,7 @@ class Qmp:
         raise StepError("qmp", f"{self.name}: could not connect to {self.address} within {timeout:.0f} s",
                         {"last error": repr(last)})
 
-    def cmd(self, name: str, step: str = "qmp", timeout: float = 60, **args: Any) -> Any:
+    def cmd(self, name: str, step: str = "qmp", timeout: float = 180, **args: Any) -> Any:
         """Execute a command; an error reply is a StepError naming the step."""
         if self._qmp is None:
             raise StepError(step, f"{self.name}: not connected")
