@@ -367,7 +367,16 @@ class Rig:
         return l2
 
     def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S) -> None:
-        """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports)."""
+        """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports).
+
+        L0's forwarder accepts before anything listens in L1, so first make sure, in L1, that
+        the new QEMU listens on its console port: a connection made earlier may be dropped later.
+        (QMP is not awaited here: a first boot's QMP listens only once the console is connected,
+        and the QMP client retries anyway.)
+        """
+        port = f":{L1_CONSOLE_PORTS[l2.ports]} "
+        self.sh.run(f"i=0; while ! netstat -ltn 2>/dev/null | grep -q '{port}' && [ $i -lt {int(timeout * 10)} ]; "
+                    "do sleep 0.1; i=$((i+1)); done", timeout=timeout + 30)
         try:
             l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout)
         except Exception as exc:
