@@ -62,6 +62,8 @@ def step(name: str) -> Callable:
                     exc.evidence.setdefault("detail", exc.step)
                     exc.step = name
                 raise
+            except ConsoleTimeout as exc:
+                raise StepError(name, str(exc)) from exc
             except FastRestartError:
                 raise
             except Exception as exc:

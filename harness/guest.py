@@ -132,15 +132,32 @@ class L2:
             self.console.close()
 
 
-def start_command(qemu: str, spec_args: list[str], log_path: str) -> str:
-    """The L1 shell line that starts L2's QEMU in the background and prints its PID."""
-    # setsid: QEMU must not share the console's session (or touch its foreground process group).
-    return (f"setsid chroot /sysroot {qemu} {shlex.join(spec_args)} >> {shlex.quote(log_path)} 2>&1 "
-            "</dev/null & echo L2PID=$!")
+def wait_listening(port: int, seconds: float, pid: str = "") -> str:
+    """An L1 shell snippet that waits until something listens on a TCP port (or ``pid`` dies)."""
+    alive = f" && kill -0 {pid} 2>/dev/null" if pid else ""
+    return (f"i=0; while ! netstat -ltn 2>/dev/null | grep -q ':{port} ' && [ $i -lt {int(seconds * 10)} ]{alive}; "
+            "do sleep 0.1; i=$((i+1)); done")
+
+
+def start_command(qemu: str, spec_args: list[str], log_path: str, generation: int,
+                  wait_port: int | None = None, wait_s: float = 300) -> str:
+    """The L1 shell line that starts L2's QEMU in the background, prints its PID and (optionally)
+    waits until its console listens: all in one line, so no input reaches the shell while it is
+    busy with a fresh background job.
+
+    setsid keeps QEMU out of the console's session; since a background job leads its process
+    group, busybox's setsid forks, so ``$!`` is not QEMU: QEMU's own -pidfile gives the PID.
+    """
+    pidfile = f"/run/l2-{generation}.pid"  # inside the chroot; /sysroot{pidfile} outside
+    line = (f"rm -f /sysroot{pidfile}; setsid chroot /sysroot {qemu} {shlex.join(spec_args)} -pidfile {pidfile} "
+            f">> {shlex.quote(log_path)} 2>&1 </dev/null & "
+            f"i=0; while [ ! -s /sysroot{pidfile} ] && [ $i -lt {int(wait_s * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
+            f"p=$(cat /sysroot{pidfile} 2>/dev/null); echo L2PID=$p")
+    return f"{line}; {wait_listening(wait_port, wait_s, '$p')}" if wait_port else line
 
 
 def parse_pid(output: str) -> int:
     for line in output.splitlines():
-        if line.startswith("L2PID="):
+        if line.startswith("L2PID=") and line.split("=", 1)[1].strip().isdigit():
             return int(line.split("=", 1)[1])
     raise StepError("start-l2", "the L1 shell did not report L2's PID", {"output": output})

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import images, kernels
+from . import guest, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
 from .errors import StepError, UsageError
 from .guest import (
@@ -354,19 +354,21 @@ class Rig:
                           f"{spec.ram.path}; }}", step="start-l2")
         args = spec.args(ports=ports, incoming=incoming, plug_vfio=plug_vfio)
         (self.log_dir / f"l2-qemu-{self.l2_generation}.cmdline").write_text(" ".join(args) + "\n")
-        pid = parse_pid(self.sh.check(start_command("qemu-system-x86_64", args, log), step="start-l2"))
+        command = start_command("qemu-system-x86_64", args, log, self.l2_generation,
+                                L1_CONSOLE_PORTS[ports] if connect else None, timeout)
+        pid = parse_pid(self.sh.check(command, timeout=timeout + 30, step="start-l2"))
         console_log = (self.log_dir / "l2-console.log").open("ab", buffering=0)
         l2 = L2(self.l2_generation, pid, ports, console_log, self.log_dir)
         self.l2_generation += 1
         l2.log_path = log
         if connect:
-            self.connect_l2(l2, timeout)
+            self.connect_l2(l2, timeout, wait_listening=False)
         if wait_ready:
             l2.console.expect(READY_L2, timeout=timeout, step="boot-l2")
             l2.console.sync()
         return l2
 
-    def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S) -> None:
+    def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S, wait_listening: bool = True) -> None:
         """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports).
 
         L0's forwarder accepts before anything listens in L1, so first make sure, in L1, that
@@ -374,9 +376,8 @@ class Rig:
         (QMP is not awaited here: a first boot's QMP listens only once the console is connected,
         and the QMP client retries anyway.)
         """
-        port = f":{L1_CONSOLE_PORTS[l2.ports]} "
-        self.sh.run(f"i=0; while ! netstat -ltn 2>/dev/null | grep -q '{port}' && [ $i -lt {int(timeout * 10)} ]; "
-                    "do sleep 0.1; i=$((i+1)); done", timeout=timeout + 30)
+        if wait_listening:
+            self.sh.run(guest.wait_listening(L1_CONSOLE_PORTS[l2.ports], timeout), timeout=timeout + 30)
         try:
             l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout)
         except Exception as exc:
