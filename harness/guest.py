@@ -25,8 +25,9 @@ STATE_DIR = "/mnt/state"  # the state region, mounted fsdax in L1; same path in 
 @dataclass
 class RamBackend(Device):
     """Where L2's RAM lives. ``kind``: devdax (a /dev/daxX.Y node), fsdax (a file on a DAX mount),
-    memfd (anonymous shared memory; for cpr-transfer, which keeps it by passing the fd) or ram
-    (plain private RAM, for the RAM-copying comparison)."""
+    memfd (anonymous shared memory; for cpr-transfer, which keeps it by passing the fd), luo (a
+    memfd that an L1 helper holds and LUO keeps across the kexec, mapped through its
+    /proc/<pid>/fd/<n> path) or ram (plain private RAM, for the RAM-copying comparison)."""
 
     kind: str
     size_mib: int
@@ -37,7 +38,7 @@ class RamBackend(Device):
         if self.kind == "devdax":
             backend = _props("memory-backend-file", id="mem", size=size, mem_path=self.path, align="2M",
                              share=True)
-        elif self.kind == "fsdax":
+        elif self.kind in ("fsdax", "luo"):
             backend = _props("memory-backend-file", id="mem", size=size, mem_path=self.path, share=True)
         elif self.kind == "memfd":
             backend = _props("memory-backend-memfd", id="mem", size=size, share=True)

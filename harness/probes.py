@@ -36,6 +36,9 @@ LUO_KERNEL_OPTIONS = {
     "CONFIG_LIVEUPDATE": "the Live Update Orchestrator (/dev/liveupdate)",
     "CONFIG_LIVEUPDATE_MEMFD": "memfd preservation through LUO",
 }
+# Keeping an assigned device live across a LUO kexec: the PCI, vfio-pci and IOMMU live-update
+# series (in review in 2026: PCI_LIVEUPDATE, VFIO_PCI_LIVEUPDATE by Matlack/Sharma; IOMMU_LIVEUPDATE).
+LUO_PASSTHROUGH_OPTIONS = ("CONFIG_PCI_LIVEUPDATE", "CONFIG_VFIO_PCI_LIVEUPDATE", "CONFIG_IOMMU_LIVEUPDATE")
 
 
 @dataclass

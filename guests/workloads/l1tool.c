@@ -18,6 +18,20 @@
  *       Prints: msi_cap=0x<c> control_before=0x<w> control_after=0x<w>
  *   BDF is "0000:00:02.0" or "00:02.0"; a BDF containing '/' is taken as the path of a
  *   config-space file (used by the unit tests).
+ *   l1tool luo-hold --dir DIR --ram-size BYTES [--session NAME] [--timeout S]
+ *       Starts a daemon that creates two memfds (L2's RAM, sized BYTES, and its device state)
+ *       and holds them. Prints: pid=<p> ram_fd=<n> state_fd=<m> ram_size=<b> state_size=<b>
+ *       ram_path=/proc/<p>/fd/<n> state_path=/proc/<p>/fd/<m> session=<name>
+ *   l1tool luo-preserve --dir DIR
+ *       Asks that daemon to open /dev/liveupdate, create the session (default
+ *       "fastrestart-l2") and preserve the RAM memfd as token 1 and the state one as token 2;
+ *       it keeps holding the session until the kexec. Prints: preserved=1 session=<name> ...
+ *       (or preserved=0 failed=<op> errno=<e>, exit 1).
+ *   l1tool luo-retrieve --dir DIR [--ram-size BYTES] [--session NAME]
+ *       After the kexec: a daemon retrieves the session, tokens 1 and 2, checks the RAM size,
+ *       finishes the session and holds the fds. Prints the luo-hold line plus finished=1.
+ *   l1tool luo-stop --dir DIR      stops either daemon (SIGTERM).
+ *   l1tool luo-abi                 the LUO uapi layouts as compiled (for the unit tests).
  *
  * Device-DAX nodes support mmap only (no read/write), and their mappings must be
  * aligned to the device alignment (2 MiB, or 1 GiB): everything here maps windows that
@@ -31,6 +45,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <limits.h>
 #include <linux/fs.h>
 #include <stdarg.h>
@@ -42,6 +57,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -464,10 +480,313 @@ static int cmd_msi(int argc, char **argv, int disable)
 	return (after & 1) ? 1 : 0;
 }
 
+/* ------------------------------------------------------------ live update */
+
+/* The Live Update Orchestrator's uapi (include/uapi/linux/liveupdate.h, Linux 6.19), spelt out
+ * here because the build host's headers predate it. Every argument struct starts with its own
+ * size: the kernel rejects sizes it does not know, so these layouts must match exactly. */
+#define LUO_DEVICE "/dev/liveupdate"
+#define LUO_IOCTL_TYPE 0xBA
+#define LUO_NAME_LEN 64
+#define LUO_IOCTL_CREATE_SESSION _IO(LUO_IOCTL_TYPE, 0x00)
+#define LUO_IOCTL_RETRIEVE_SESSION _IO(LUO_IOCTL_TYPE, 0x01)
+#define LUO_SESSION_PRESERVE_FD _IO(LUO_IOCTL_TYPE, 0x40)
+#define LUO_SESSION_RETRIEVE_FD _IO(LUO_IOCTL_TYPE, 0x41)
+#define LUO_SESSION_FINISH _IO(LUO_IOCTL_TYPE, 0x42)
+#define LUO_TOKEN_RAM 1
+#define LUO_TOKEN_STATE 2
+#define LUO_DEFAULT_SESSION "fastrestart-l2"
+
+struct luo_session_arg { /* create_session and retrieve_session */
+	uint32_t size;
+	int32_t fd;
+	uint8_t name[LUO_NAME_LEN];
+};
+
+struct luo_fd_arg { /* session preserve_fd and retrieve_fd */
+	uint32_t size;
+	int32_t fd;
+	uint64_t token __attribute__((aligned(8)));
+};
+
+struct luo_finish_arg {
+	uint32_t size;
+	uint32_t reserved;
+};
+
+_Static_assert(sizeof(struct luo_session_arg) == 72, "liveupdate_ioctl_create_session is 72 bytes");
+_Static_assert(sizeof(struct luo_fd_arg) == 16, "liveupdate_session_preserve_fd is 16 bytes");
+_Static_assert(sizeof(struct luo_finish_arg) == 8, "liveupdate_session_finish is 8 bytes");
+
+/* What a LUO daemon holds. The fds stay open for its whole life, so that /proc/<pid>/fd/<n>
+ * names the memfds for L2's QEMU and for cat; closing the session fd would unpreserve them. */
+static struct {
+	char dir[PATH_MAX];
+	const char *session;
+	uint64_t ram_size;
+	int luo_fd, session_fd, ram_fd, state_fd;
+	int preserved;
+} luo = { .luo_fd = -1, .session_fd = -1, .ram_fd = -1, .state_fd = -1 };
+
+static int luo_session_ioctl(int fd, unsigned long request, const char *name)
+{
+	struct luo_session_arg arg;
+
+	memset(&arg, 0, sizeof(arg));
+	arg.size = sizeof(arg);
+	snprintf((char *)arg.name, sizeof(arg.name), "%s", name);
+	if (ioctl(fd, request, &arg) != 0)
+		return -1;
+	return arg.fd;
+}
+
+static int luo_fd_ioctl(int session_fd, unsigned long request, int fd, uint64_t token)
+{
+	struct luo_fd_arg arg;
+
+	memset(&arg, 0, sizeof(arg));
+	arg.size = sizeof(arg);
+	arg.fd = fd;
+	arg.token = token;
+	if (ioctl(session_fd, request, &arg) != 0)
+		return -1;
+	return arg.fd;
+}
+
+static uint64_t fd_size(int fd)
+{
+	struct stat st;
+
+	return fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+/* The line both daemons print when ready (and tests parse): where the memfds are. */
+static void luo_write_ready(const char *extra)
+{
+	char path[PATH_MAX], line[1024];
+	int pid = (int)getpid();
+
+	snprintf(line, sizeof(line),
+		 "pid=%d ram_fd=%d state_fd=%d ram_size=%" PRIu64 " state_size=%" PRIu64
+		 " ram_path=/proc/%d/fd/%d state_path=/proc/%d/fd/%d session=%s%s\n",
+		 pid, luo.ram_fd, luo.state_fd, fd_size(luo.ram_fd), fd_size(luo.state_fd), pid, luo.ram_fd, pid,
+		 luo.state_fd, luo.session, extra);
+	path_in(path, sizeof(path), luo.dir, WL_PROG ".ready");
+	if (write_atomic(path, line) != 0)
+		dlog("cannot write %s: %s", path, strerror(errno));
+}
+
+/* SIGUSR1 in the hold daemon: put both memfds into a new LUO session (tokens 1 and 2). The
+ * RAM is final by now (L2's QEMU has quit), and so is the state (the save wrote it). */
+static void luo_preserve(void)
+{
+	char path[PATH_MAX], line[512];
+	const char *op = NULL;
+
+	if (!luo.preserved && luo.session_fd >= 0) {
+		/* A retrieve daemon preserving again (the next cycle): its finished session goes
+		 * first, so that the name is free for the new one. */
+		close(luo.session_fd);
+		luo.session_fd = -1;
+	}
+	if (!luo.preserved) {
+		/* Reuse /dev/liveupdate once open: LUO may admit one opener at a time. */
+		if (luo.luo_fd < 0 && (luo.luo_fd = open(LUO_DEVICE, O_RDWR | O_CLOEXEC)) < 0)
+			op = "open_" LUO_DEVICE;
+		else if ((luo.session_fd = luo_session_ioctl(luo.luo_fd, LUO_IOCTL_CREATE_SESSION, luo.session)) < 0)
+			op = "create_session";
+		else if (luo_fd_ioctl(luo.session_fd, LUO_SESSION_PRESERVE_FD, luo.ram_fd, LUO_TOKEN_RAM) < 0)
+			op = "preserve_fd_ram";
+		else if (luo_fd_ioctl(luo.session_fd, LUO_SESSION_PRESERVE_FD, luo.state_fd, LUO_TOKEN_STATE) < 0)
+			op = "preserve_fd_state";
+	}
+	if (op) {
+		dlog("luo-preserve: %s: %s", op, strerror(errno));
+		snprintf(line, sizeof(line), "preserved=0 failed=%s errno=%d pid=%d\n", op, errno, (int)getpid());
+	} else {
+		luo.preserved = 1;
+		snprintf(line, sizeof(line),
+			 "preserved=1 session=%s session_fd=%d ram_token=%d state_token=%d ram_size=%" PRIu64
+			 " state_size=%" PRIu64 " pid=%d\n",
+			 luo.session, luo.session_fd, LUO_TOKEN_RAM, LUO_TOKEN_STATE, fd_size(luo.ram_fd),
+			 fd_size(luo.state_fd), (int)getpid());
+	}
+	path_in(path, sizeof(path), luo.dir, WL_PROG ".result");
+	if (write_atomic(path, line) != 0)
+		dlog("cannot write %s: %s", path, strerror(errno));
+}
+
+/* Hold everything until SIGTERM; SIGUSR1 preserves (hold daemon only). The signals are
+ * blocked before the daemon says it is ready: an early SIGUSR1 would otherwise kill it. */
+static int luo_serve(sigset_t *set)
+{
+	int sig;
+
+	for (;;) {
+		if (sigwait(set, &sig) != 0)
+			continue;
+		if (sig == SIGUSR1)
+			luo_preserve();
+		else
+			return 0;
+	}
+}
+
+static void luo_block_signals(sigset_t *set)
+{
+	sigemptyset(set);
+	sigaddset(set, SIGUSR1);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGHUP);
+	sigprocmask(SIG_BLOCK, set, NULL);
+}
+
+static int luo_hold_daemon(int status_fd)
+{
+	sigset_t set;
+
+	luo_block_signals(&set);
+	if (write_pid_file(luo.dir, status_fd) != 0)
+		return 1;
+	luo.ram_fd = memfd_create("fastrestart-l2-ram", 0);
+	luo.state_fd = memfd_create("fastrestart-l2-state", 0);
+	if (luo.ram_fd < 0 || luo.state_fd < 0) {
+		dprintf(status_fd, "memfd_create: %s\n", strerror(errno));
+		return 1;
+	}
+	if (ftruncate(luo.ram_fd, (off_t)luo.ram_size) != 0) {
+		dprintf(status_fd, "ftruncate the RAM memfd to %" PRIu64 ": %s\n", luo.ram_size, strerror(errno));
+		return 1;
+	}
+	luo_write_ready("");
+	dprintf(status_fd, "ok\n");
+	close(status_fd);
+	return luo_serve(&set);
+}
+
+/* After the kexec: take the session back, both memfds by token, check them, and finish. */
+static int luo_retrieve_daemon(int status_fd)
+{
+	sigset_t set;
+	const char *op = NULL;
+
+	luo_block_signals(&set);
+	if (write_pid_file(luo.dir, status_fd) != 0)
+		return 1;
+	if ((luo.luo_fd = open(LUO_DEVICE, O_RDWR | O_CLOEXEC)) < 0)
+		op = "open " LUO_DEVICE;
+	else if ((luo.session_fd = luo_session_ioctl(luo.luo_fd, LUO_IOCTL_RETRIEVE_SESSION, luo.session)) < 0)
+		op = "retrieve_session";
+	else if ((luo.ram_fd = luo_fd_ioctl(luo.session_fd, LUO_SESSION_RETRIEVE_FD, -1, LUO_TOKEN_RAM)) < 0)
+		op = "retrieve_fd (token 1, RAM)";
+	else if ((luo.state_fd = luo_fd_ioctl(luo.session_fd, LUO_SESSION_RETRIEVE_FD, -1, LUO_TOKEN_STATE)) < 0)
+		op = "retrieve_fd (token 2, state)";
+	if (op) {
+		dprintf(status_fd, "%s (session %s): %s\n", op, luo.session, strerror(errno));
+		return 1;
+	}
+	if (luo.ram_size && fd_size(luo.ram_fd) != luo.ram_size) {
+		dprintf(status_fd, "the RAM memfd came back with %" PRIu64 " bytes, not %" PRIu64 "\n",
+			fd_size(luo.ram_fd), luo.ram_size);
+		return 1;
+	}
+	{
+		struct luo_finish_arg arg = { .size = sizeof(arg), .reserved = 0 };
+
+		if (ioctl(luo.session_fd, LUO_SESSION_FINISH, &arg) != 0) {
+			dprintf(status_fd, "session_finish (session %s): %s\n", luo.session, strerror(errno));
+			return 1;
+		}
+	}
+	luo_write_ready(" finished=1");
+	dprintf(status_fd, "ok\n");
+	close(status_fd);
+	return luo_serve(&set);
+}
+
+static void luo_clear(void)
+{
+	static const char *names[] = { WL_PROG ".ready", WL_PROG ".result", WL_PROG ".pid" };
+	char path[PATH_MAX];
+	size_t i;
+
+	for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		path_in(path, sizeof(path), luo.dir, names[i]);
+		unlink(path);
+	}
+}
+
+/* luo-hold / luo-retrieve / luo-preserve / luo-stop --dir DIR [...] */
+static int cmd_luo(int argc, char **argv)
+{
+	const char *cmd = argv[1], *dir = NULL, *session = LUO_DEFAULT_SESSION;
+	uint64_t ram_size = 0, timeout = 60;
+	int have_ram = 0, pfd[2], rc;
+	pid_t pid;
+	const struct option_spec specs[] = {
+		{ "--dir", &dir, NULL, NULL },
+		{ "--session", &session, NULL, NULL },
+		{ "--ram-size", NULL, &ram_size, &have_ram },
+		{ "--timeout", NULL, &timeout, NULL },
+		{ NULL, NULL, NULL, NULL },
+	};
+
+	parse_options(argc, argv, 2, specs);
+	if (!dir)
+		die_usage("%s: --dir is required", cmd);
+	if (!session[0] || strlen(session) >= LUO_NAME_LEN)
+		die_usage("--session: 1 to %d characters", LUO_NAME_LEN - 1);
+	if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+		die_usage("mkdir %s: %s", dir, strerror(errno));
+	if (!realpath(dir, luo.dir))
+		die_usage("--dir %s: %s", dir, strerror(errno));
+	luo.session = session;
+	luo.ram_size = ram_size;
+	if (!strcmp(cmd, "luo-preserve")) {
+		char *res = request_result(luo.dir, timeout, &rc);
+
+		if (!res) {
+			if (rc < 0)
+				fprintf(stderr, WL_PROG ": no preserve result after %" PRIu64 " s\n", timeout);
+			return rc < 0 ? 2 : rc;
+		}
+		rc = strncmp(res, "preserved=1", 11) == 0 ? 0 : 1;
+		free(res);
+		return rc;
+	}
+	if (!strcmp(cmd, "luo-stop"))
+		return stop_daemon(luo.dir);
+	if (!strcmp(cmd, "luo-hold") && (!have_ram || ram_size == 0))
+		die_usage("luo-hold needs --ram-size BYTES (L2's RAM size)");
+	if (pid_alive(read_pid(luo.dir)))
+		die_usage("a daemon (pid %d) already runs in %s", (int)read_pid(luo.dir), luo.dir);
+	luo_clear();
+	pid = fork_daemon(luo.dir, pfd);
+	if (pid == 0)
+		_exit(!strcmp(cmd, "luo-hold") ? luo_hold_daemon(pfd[1]) : luo_retrieve_daemon(pfd[1]));
+	waitpid(pid, NULL, 0);
+	return await_ready(pfd[0], timeout, luo.dir);
+}
+
+/* The ABI as compiled, for the unit tests to hold against the kernel's uapi header. */
+static int cmd_luo_abi(void)
+{
+	printf("session_arg_size=%zu fd_arg_size=%zu finish_arg_size=%zu token_offset=%zu"
+	       " create_session=0x%lx retrieve_session=0x%lx preserve_fd=0x%lx retrieve_fd=0x%lx finish=0x%lx"
+	       " ram_token=%d state_token=%d\n",
+	       sizeof(struct luo_session_arg), sizeof(struct luo_fd_arg), sizeof(struct luo_finish_arg),
+	       offsetof(struct luo_fd_arg, token), (unsigned long)LUO_IOCTL_CREATE_SESSION,
+	       (unsigned long)LUO_IOCTL_RETRIEVE_SESSION, (unsigned long)LUO_SESSION_PRESERVE_FD,
+	       (unsigned long)LUO_SESSION_RETRIEVE_FD, (unsigned long)LUO_SESSION_FINISH, LUO_TOKEN_RAM,
+	       LUO_TOKEN_STATE);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
-		die(2, "usage: l1tool digest|flip|msi-status|msi-disable ...");
+		die(2, "usage: l1tool digest|flip|msi-status|msi-disable|luo-hold|luo-preserve|luo-retrieve|luo-stop|luo-abi ...");
 	if (!strcmp(argv[1], "digest"))
 		return cmd_digest(argc, argv);
 	if (!strcmp(argv[1], "flip"))
@@ -476,6 +795,11 @@ int main(int argc, char **argv)
 		return cmd_msi(argc, argv, 0);
 	if (!strcmp(argv[1], "msi-disable"))
 		return cmd_msi(argc, argv, 1);
+	if (!strcmp(argv[1], "luo-hold") || !strcmp(argv[1], "luo-preserve") || !strcmp(argv[1], "luo-retrieve") ||
+	    !strcmp(argv[1], "luo-stop"))
+		return cmd_luo(argc, argv);
+	if (!strcmp(argv[1], "luo-abi"))
+		return cmd_luo_abi();
 	die(2, "unknown command '%s'", argv[1]);
 	return 2;
 }
