@@ -221,9 +221,44 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"No result.json under {args.dir}.")
     written = render_report(found, Path(args.dir))
     results.write_junit(found, Path(args.dir) / "junit.xml", suite="fastrestart")
+    if args.screenshot:
+        from .report import screenshot
+
+        written["png"] = screenshot(written["html"], Path(args.dir) / "report.png")
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Fast restart against the alternatives, interleaved on shared rigs; ratios from one run."""
+    from .bench import BenchOptions, load_bench, render_bench, run_bench
+    from .rig import parse_size_mib
+
+    out = Path(args.results or Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    docs = Path(args.docs) if args.docs else None
+    if args.render_only:
+        bench = load_bench(out / "bench.json")
+        written = render_bench(bench, out, docs)
+    else:
+        options = BenchOptions(
+            routes=[r for r in args.routes.split(",") if r],
+            sizes_mib=[parse_size_mib(s) for s in args.l2_mem.split(",")],
+            repeat=args.repeat, devices=[d for d in args.devices.split(",") if d and d != "none"],
+            mem_check_mib=args.mem_check, kernel=args.kernel, l1_qemu=args.l1_qemu, l0_qemu=args.l0_qemu,
+            accel=args.accel)
+        progress = Progress("bench")
+        bench = run_bench(options, out, progress, command=" ".join(["fastrestart", *sys.argv[1:]]))
+        progress.done()
+        written = render_bench(bench, out, docs)
+        print(f"bench wall time: {bench['wall_s']} s")
+    for ratio in bench["ratios"] + bench["growth"]:
+        print(f"  {ratio['name']}{' @ ' + ratio['size'] if ratio.get('size') else ''}: {ratio['value']}")
+    for target in bench["targets"]:
+        print(f"  target {target['state']}: {target['name']} ({target['detail']})")
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0 if all(c["verdict"] in ("PASS", "UNSUPPORTED") for c in bench["cycles"]) else 1
 
 
 def cmd_ci_render(args: argparse.Namespace) -> int:
@@ -233,6 +268,27 @@ def cmd_ci_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel_build(args: argparse.Namespace) -> int:
+    """Build (or find cached) a kernel; the last stdout line is its spec, for scripts."""
+    from .kernelbuild import build_kernel
+
+    progress = Progress("kernel build")
+    built = build_kernel(args.source, series=Path(args.series) if args.series else None,
+                         fragments=[Path(f) for f in args.fragment or []], jobs=args.jobs,
+                         keep_tree=args.keep_tree, progress=progress)
+    progress.done()
+    print(f"release {built.release}{' (cached)' if built.cached else ''}")
+    print(built.spec)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import DEFAULT_MATRIX, validate
+
+    out = Path(args.results or Path("results") / f"validate-{time.strftime('%Y%m%d-%H%M%S')}")
+    return validate(args.base, args.patched, Path(args.matrix or DEFAULT_MATRIX), out, parallel=args.parallel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrestart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one fast-restart cell and report every phase")
     _cell_arguments(run)
-    run.add_argument("--mode", default="auto", help="auto, ignore-shared, cpr-reboot, cpr-transfer, hotplug")
+    run.add_argument("--mode", default="auto", help="auto, ignore-shared, cpr-reboot, cpr-transfer, hotplug, luo")
     run.add_argument("--cycles", type=int, default=1)
     run.add_argument("--inject", help="mem-flip, mem-lost, dma-corrupt, irq-drop")
     run.add_argument("--no-shared-ram", action="store_true", help="copy RAM into the state file (for comparison)")
@@ -287,7 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-render report.md/html and junit.xml from results")
     report.add_argument("dir")
+    report.add_argument("--screenshot", action="store_true", help="also save report.png (headless Chromium)")
     report.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", help="fast restart against ram-copy, firmware reboots, cpr-transfer and a "
+                           "cold boot, side by side (not run in CI)")
+    bench.add_argument("--l2-mem", default="128M,512M,1G,2G", help="L2 RAM sizes, comma separated")
+    bench.add_argument("--repeat", type=int, default=3, help="cycles of each route per size")
+    bench.add_argument("--routes", default="fast-restart,ram-copy,firmware-reboot-seabios,firmware-reboot-ovmf,"
+                       "cpr-transfer,cold-boot", help="routes, comma separated")
+    bench.add_argument("--devices", default="none",
+                       help="assigned devices for every route (default none: with devices, a second S3 suspend "
+                            "fails, so a rig could not cycle)")
+    bench.add_argument("--mem-check", type=int, default=32, help="MiB of L2 RAM the memory check fills")
+    bench.add_argument("--kernel", default="debian:trixie", help="L1 kernel spec")
+    bench.add_argument("--l1-qemu", default="trixie", help="QEMU in L1 (every route shares it)")
+    bench.add_argument("--l0-qemu")
+    bench.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+    bench.add_argument("--results", help="result directory (default ./results/bench-<timestamp>)")
+    bench.add_argument("--docs", help="also write DIR/performance.md with copies of the SVGs")
+    bench.add_argument("--render-only", action="store_true", help="re-render from --results DIR/bench.json")
+    bench.set_defaults(func=cmd_bench)
 
     ci = sub.add_parser("ci", help="CI pipelines")
     ci_sub = ci.add_subparsers(dest="ci_command", required=True)
@@ -296,6 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--matrix", required=True)
     render.add_argument("-o", "--output", required=True)
     render.set_defaults(func=cmd_ci_render)
+
+    kernel = sub.add_parser("kernel", help="kernels built from source")
+    kernel_sub = kernel.add_subparsers(dest="kernel_command", required=True)
+    kbuild = kernel_sub.add_parser("build", help="build a kernel from source + series + fragments (cached)")
+    kbuild.add_argument("--source", required=True, help="debian-source:7.2, path:DIR or git:DIR@REV")
+    kbuild.add_argument("--series", help="a directory of *.patch files (applied sorted) or an mbox")
+    kbuild.add_argument("--fragment", action="append", help="a config fragment (repeatable), e.g. "
+                        "kernels/fragments/fast-restart.config")
+    kbuild.add_argument("--jobs", type=int, help="make -j (default: the number of CPUs)")
+    kbuild.add_argument("--keep-tree", action="store_true", help="keep the build tree after success")
+    kbuild.set_defaults(func=cmd_kernel_build)
+
+    validate = sub.add_parser("validate", help="run the same cells on a base and a patched kernel, diff verdicts")
+    validate.add_argument("--base", required=True, help="kernel spec of the base, e.g. build:KEY or debian:sid")
+    validate.add_argument("--patched", required=True, help="kernel spec of the patched kernel")
+    validate.add_argument("--matrix", help="matrix file (default kernels/validate.yaml)")
+    validate.add_argument("--results", help="result directory (default ./results/validate-<timestamp>)")
+    validate.add_argument("--parallel", type=int, default=1)
+    validate.set_defaults(func=cmd_validate)
     return parser
 
 

@@ -35,6 +35,7 @@ class FlowOptions:
     inject: str | None = None
     mem_check_mib: int | None = None
     l1_digest: bool = True
+    host_restart: str = "kexec"  # kexec | firmware: how L1 restarts (a firmware reboot is the slow baseline)
 
 
 class CheckFailed(FastRestartError):
@@ -104,6 +105,13 @@ class Flow:
         self.workloads: checks.Workloads | None = None
         self.readings: dict = {}
         self.findings: dict[str, dict] = {}
+        self.mode_state: dict = {}  # what the mode keeps between its steps (luo: the helper's fds)
+        # A mode may need L1 kernel parameters on every boot, and its own home for L2's RAM.
+        rig.extra_cmdline = list(mode.kernel_cmdline)
+        if mode.ram_backend:
+            rig.config.ram_backend = mode.ram_backend
+        self.ignore_shared = rig.config.shared_ram  # False: the save copies L2's RAM into the state file
+        self.l2_overrides: dict = {}  # L2 options kept identical across modes (the bench mixes them)
         self._flow_log = (rig.log_dir / "flow.log").open("a")
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -117,7 +125,8 @@ class Flow:
 
     def start_l2(self, incoming: list[str] | None = None, plug_vfio: bool = True, connect: bool = True) -> L2:
         """Start an L2 generation; with ``connect`` it becomes the current L2."""
-        spec = self.rig.l2_spec(self.ram_path, **self.mode.l2_options(self.rig.config.devices))
+        spec = self.rig.l2_spec(self.ram_path, **{**self.mode.l2_options(self.rig.config.devices),
+                                                  **self.l2_overrides})
         self.l2_spec = spec
         l2 = self.rig.start_l2(spec, incoming=incoming, plug_vfio=plug_vfio, wait_ready=incoming is None,
                                connect=connect)
@@ -150,7 +159,7 @@ class Flow:
     def suspend_l2(self) -> dict:
         """The guest suspends itself to RAM (cpr-reboot with devices attached needs it)."""
         since = len(self.l2.qmp.events)
-        self.l2.console.send("echo mem > /sys/power/state; echo FR-WO''KE")
+        self.l2.console.send("fr-suspend")  # prints FR-WOKE once the guest runs again (guests/l2/fr-suspend)
         event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
         return {"suspended_at": event.received}
 
@@ -185,19 +194,26 @@ class Flow:
         self.prepare()
         for cycle in range(1, self.options.cycles + 1):
             self.begin_cycle(cycle)
-            self.save()
-            self.record()
-            if self.mode.restarts_host:
-                self.kexec()
-                self.boot()
-                self.reserve()
-                self.enumerate()
-                self.reload()
-            self.restore()
-            self.resume()
-            self.end_cycle()
+            self.restart_cycle()
         self.cycle_record = self.verify_record
         self.verify()
+
+    def restart_cycle(self) -> None:
+        """One restart, DESIGN §5 steps 1-9 (a mode without a host restart skips kexec to reload)."""
+        self.save()
+        self.record()
+        if self.mode.restarts_host:
+            if self.options.host_restart == "firmware":
+                self.reboot()
+            else:
+                self.kexec()
+            self.boot()
+            self.reserve()
+            self.enumerate()
+            self.reload()
+        self.restore()
+        self.resume()
+        self.end_cycle()
 
     def begin_cycle(self, cycle: int) -> None:
         self.cycle = cycle
@@ -222,6 +238,7 @@ class Flow:
 
         pmem = self.rig.setup_pmem(fresh=True)
         self.ram_path = pmem["ram_path"]
+        pmem.update(self.mode.prepare_ram(self))
         mark("pmem")
         drivers = self.rig.bind_vfio()
         mark("vfio")
@@ -247,7 +264,7 @@ class Flow:
     @step("record")
     def record(self) -> dict:
         record = {"devices": [d.l1_bdf for d in self.rig.devices], "memmap": self.rig.layout.memmap(),
-                  "cmdline": self.rig.l1_cmdline(), "state_file": "/mnt/state/l2.state",
+                  "cmdline": self.rig.l1_cmdline(), "state_file": self.mode.state_path(self),
                   "ram_path": self.ram_path, "l2_args": self.l2_spec.args()}
         self.rig.sh.check(f"echo '{json.dumps(record)}' > /mnt/state/record.json", step="record")
         facts = {"record": record}
@@ -262,18 +279,38 @@ class Flow:
         sh.check("sync; umount /sysroot/mnt/state; umount /sysroot/mnt/ram 2>/dev/null; true", step="kexec")
         append = self.rig.l1_cmdline(with_memmap=self.options.inject != "mem-lost")
         started = time.monotonic()
-        sh.check(f"chroot /sysroot kexec -l /boot/to/vmlinuz --initrd=/boot/to/initrd --append='{append}'",
+        flags = "".join(f" {flag}" for flag in self.mode.kexec_flags)
+        sh.check(f"chroot /sysroot kexec{flags} -l /boot/to/vmlinuz --initrd=/boot/to/initrd --append='{append}'",
                  timeout=300, step="kexec")
         loaded = time.monotonic() - started
         self.kexec_started = time.monotonic()
         sh.send("chroot /sysroot kexec -e")
         sh.expect(r"Linux version \S+", timeout=BOOT_DEADLINE_S, step="kexec")
         return {"load_s": round(loaded, 3), "to_first_line_s": round(time.monotonic() - self.kexec_started, 3),
-                "append": append}
+                "append": append, "kexec_flags": list(self.mode.kexec_flags)}
+
+    @step("reboot")
+    def reboot(self) -> dict:
+        """The baseline a fast restart competes with: L1 reboots through its firmware (SeaBIOS or
+        OVMF), which loads the same -kernel/-append again. Same unmount as the kexec step; then the
+        kernel's emergency restart resets the machine."""
+        sh = self.rig.sh
+        if self.rig.artifacts.kernel_to != self.rig.artifacts.kernel_from:
+            raise StepError("reboot", "a firmware reboot boots L1's -kernel again; it cannot switch kernels")
+        sh.check("sync; umount /sysroot/mnt/state; umount /sysroot/mnt/ram 2>/dev/null; true", step="reboot")
+        self.kexec_started = time.monotonic()
+        sh.send("echo b > /proc/sysrq-trigger")
+        sh.expect(r"Linux version \S+", timeout=BOOT_DEADLINE_S, step="reboot")
+        return {"firmware": self.rig.config.firmware,
+                "to_first_line_s": round(time.monotonic() - self.kexec_started, 3)}
 
     @step("boot")
     def boot(self) -> dict:
-        self.rig.sh.expect(READY_L1, timeout=BOOT_DEADLINE_S, step="boot")
+        first_line = time.monotonic()
+        self.rig.sh.expect(r"fastrestart-l1: init on", timeout=BOOT_DEADLINE_S, step="boot")
+        at_init = time.monotonic()
+        ready = self.rig.sh.expect(READY_L1, timeout=BOOT_DEADLINE_S, step="boot")
+        at_ready = time.monotonic()
         self.rig.sh.sync()
         facts = self.rig.l1_facts()
         self.l1_boot_ids.append(facts["boot_id"])
@@ -283,7 +320,9 @@ class Flow:
             raise StepError("boot", f"L1 booted {facts['release']}, not the target {expected}")
         if facts["boot_id"] == self.l1_boot_ids[-2]:
             raise StepError("boot", "L1's boot_id did not change: no new kernel booted")
-        return {**facts, "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3)}
+        return {**facts, "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3),
+                "first_line_to_init_s": round(at_init - first_line, 3),
+                "init_to_ready_s": round(at_ready - at_init, 3), "uptime_at_ready_s": float(ready.group(1))}
 
     @step("reserve")
     def reserve(self) -> dict:
@@ -294,12 +333,12 @@ class Flow:
                 raise CheckFailed("memory", "L2 RAM is gone: the new kernel has no PMEM region where it was",
                                   {"reason": exc.message, **exc.evidence}) from exc
             raise
-        facts = {"pmem": pmem}
-        state = self.rig.sh.run("stat -c %s /mnt/state/l2.state")
+        facts = {"pmem": pmem, **self.mode.reserve(self)}
+        state = self.rig.sh.run(f"stat -L -c %s {self.mode.state_path(self)}")
         facts["state_file_bytes"] = state[1].strip() if state[0] == 0 else "missing"
         before = self.cycle_record.get("evidence", {}).get("record", {}).get("ram_digest_before")
         if before:
-            after = faults.digest(self.rig, pmem["ram_path"], self.rig.config.l2_mem_mib)
+            after = faults.digest(self.rig, pmem["ram_path"] or self.ram_path, self.rig.config.l2_mem_mib)
             facts["ram_digest_after"] = after
             if after["digest"] != before["digest"]:
                 self.findings.setdefault("memory", {})[f"cycle {self.cycle} L1 digest"] = {
@@ -335,8 +374,11 @@ class Flow:
     def resume(self) -> dict:
         since = 0 if not self.mode.restarts_host else len(self.l2.qmp.events)
         facts = self.mode.resume(self)
+        # A guest that was already running when L0 connected (cpr-transfer's autostart) sends no
+        # RESUME that L0 could still see: waiting for one only costs 10 s of wall time.
+        wait = 0 if facts.get("resumed_with") == "autostart" else 10
         try:
-            facts["resumed_at"] = checks.first_event_time(self.l2.qmp, since, ["RESUME", "WAKEUP"], wait=10)
+            facts["resumed_at"] = checks.first_event_time(self.l2.qmp, since, ["RESUME", "WAKEUP"], wait=wait)
         except StepError:
             # cpr-transfer's new QEMU starts the guest before L0 can listen to it: the moment
             # L0 saw it running is an upper bound.

@@ -104,6 +104,7 @@ def _install_modules(kernel: Kernel, wanted: list[str], root: Path) -> list[str]
             subprocess.run(["zstd", "-q", "-d", "-f", str(source), "-o", str(target)], check=True)
         else:
             shutil.copyfile(source, target)
+    dest.mkdir(parents=True, exist_ok=True)  # a kernel with every wanted module built in copies none
     for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
         if (kernel.modules_dir / name).exists():
             shutil.copyfile(kernel.modules_dir / name, dest / name)
@@ -140,19 +141,21 @@ def _cpio(root: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str], init: Path) -> Path:
+def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
+               scripts: tuple[Path, ...] = ()) -> Path:
     sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
     sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
-                      BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, files=(init, *sources))
+                      BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, files=(init, *sources, *scripts))
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"
     with artifact_lock():
         if not out.exists():
-            _build_initramfs(out, kernel, modules, tools, init)
+            _build_initramfs(out, kernel, modules, tools, init, scripts)
     return out
 
 
-def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[str], init: Path) -> None:
+def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
+                     scripts: tuple[Path, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "root"
@@ -164,6 +167,9 @@ def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[
 
             for name in tools:
                 workloads.build(name, root / "usr" / "local" / "bin")
+        for script in scripts:
+            shutil.copyfile(script, root / "usr" / "local" / "bin" / script.name)
+            (root / "usr" / "local" / "bin" / script.name).chmod(0o755)
         shutil.copyfile(init, root / "init")
         (root / "init").chmod(0o755)
         _cpio(root, out)
@@ -176,7 +182,8 @@ def l1_initramfs(kernel: Kernel) -> Path:
 
 def l2_initramfs(kernel: Kernel) -> Path:
     """The L2 guest's initramfs for this kernel, with the workloads."""
-    return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init")
+    return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init",
+                      scripts=(REPO / "guests" / "l2" / "fr-suspend",))
 
 
 # -- L1 userspace --------------------------------------------------------------------------
@@ -214,14 +221,22 @@ def qemu_upstream_version(debian_version: str) -> str:
     return match[1] if match else debian_version
 
 
+_USERSPACES: dict[str, Userspace] = {}
+
+
 def l1_userspace(suite: str) -> Userspace:
     """Fetch and build the L1 userspace disk for a suite (cached by the package versions)."""
     if suite not in SUITES or suite == "bookworm-backports":
         raise UsageError(f"Unknown L1 QEMU suite '{suite}'. Use one of: bookworm (QEMU 7.2), "
                          "trixie (QEMU 10.0), sid (QEMU 11.x).")
     _require("mkfs.ext4", "e2fsprogs")
+    # One apt closure query per suite and process (probe, L0's QEMU and the artifacts all ask).
+    known = _USERSPACES.get(suite)
+    if known is not None and known.image.exists():
+        return known
     with artifact_lock():
-        return _l1_userspace(suite)
+        _USERSPACES[suite] = _l1_userspace(suite)
+    return _USERSPACES[suite]
 
 
 def _l1_userspace(suite: str) -> Userspace:

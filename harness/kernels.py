@@ -49,14 +49,25 @@ class Kernel:
         return options
 
 
+_RESOLVED: dict[str, Kernel] = {}
+
+
 def resolve(spec: str, *, fetch: bool = True) -> Kernel:
     """Turn a kernel spec into a cached, bootable kernel (downloading it if needed)."""
     kind, _, value = spec.partition(":")
     if not value:
         raise UsageError(f"Kernel spec '{spec}' has no value. {SPEC_HELP}")
     if kind == "debian":
+        # One apt query per spec and process: a run resolves the same kernel several times (probe,
+        # artifacts, L2), and each query costs seconds on a busy 2-core machine.
+        known = _RESOLVED.get(spec)
+        if known is not None and known.image.exists():
+            return known
         with artifact_lock():
-            return _debian(spec, value, fetch=fetch)
+            kernel = _debian(spec, value, fetch=fetch)
+        if fetch:
+            _RESOLVED[spec] = kernel
+        return kernel
     if kind == "path":
         return from_tree(spec, Path(value).expanduser())
     if kind == "build":

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
+import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 from harness import results as res
+from harness.errors import UsageError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_TITLE = "fastrestart conformance"
@@ -28,10 +32,10 @@ OUTSIDE_DOWNTIME = ("prepare", "verify")
 
 BADGES = {res.PASS: "🟢", res.FAIL: "🔴", res.ERROR: "🟠", res.UNSUPPORTED: "⚪", res.NOT_RUN: "⚪"}
 LABELS = {res.NOT_RUN: "not run"}
-PHASE_COLOURS = {"save": "#1f77b4", "record": "#aec7e8", "kexec": "#ff7f0e", "boot": "#ffbb78",
-                 "reserve": "#2ca02c", "enumerate": "#98df8a", "reload": "#9467bd", "restore": "#d62728",
-                 "resume": "#8c564b", "prepare": "#c7c7c7", "verify": "#7f7f7f"}
-SPARE_COLOURS = ("#e377c2", "#17becf", "#bcbd22", "#f7b6d2", "#9edae5", "#dbdb8d")
+PHASE_COLOURS = {"save": "#1f77b4", "record": "#aec7e8", "kexec": "#ff7f0e", "reboot": "#e377c2",
+                 "boot": "#ffbb78", "reserve": "#2ca02c", "enumerate": "#98df8a", "reload": "#9467bd",
+                 "restore": "#d62728", "resume": "#8c564b", "prepare": "#c7c7c7", "verify": "#7f7f7f"}
+SPARE_COLOURS = ("#17becf", "#bcbd22", "#f7b6d2", "#9edae5", "#dbdb8d", "#c49c94")
 
 
 def _autoescape(name: str | None) -> bool:
@@ -214,6 +218,22 @@ def _nice_step(span: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
+FONT_W, PAD = 6.6, 12
+"""Average glyph width of the charts' 11px monospace font, and their padding."""
+
+
+def legend_layout(phases: list[str], colours: dict[str, str], width: float) -> tuple[list[dict], int]:
+    """Legend entries laid out left to right, wrapping at `width`; and the y where the plot starts."""
+    legend, x, y = [], PAD, 28
+    for phase in phases:
+        item_w = 22 + len(phase) * FONT_W + 14
+        if x + item_w > width - PAD:
+            x, y = PAD, y + 18
+        legend.append({"phase": phase, "colour": colours[phase], "x": round(x, 1), "y": y})
+        x += item_w
+    return legend, y + 26
+
+
 def _chart(results: list[dict], title: str) -> dict:
     """Geometry of the stacked-bar chart of the downtime phases, one bar per cell."""
     phases = [p for p in res.PHASES if p not in OUTSIDE_DOWNTIME]
@@ -223,17 +243,10 @@ def _chart(results: list[dict], title: str) -> dict:
                                      for r in results)]
     colours = {p: PHASE_COLOURS.get(p) or SPARE_COLOURS[i % len(SPARE_COLOURS)] for i, p in enumerate(used)}
 
-    font_w, bar_h, gap, plot_w, pad = 6.6, 16, 8, 560, 12
+    font_w, bar_h, gap, plot_w, pad = FONT_W, 16, 8, 560, PAD
     label_w = round(max([len(r["cell"]) for r in results] + [12]) * font_w + 2 * pad)
     width = label_w + plot_w + 90
-    legend, x, y = [], pad, 28
-    for phase in used:
-        item_w = 22 + len(phase) * font_w + 14
-        if x + item_w > width - pad:
-            x, y = pad, y + 18
-        legend.append({"phase": phase, "colour": colours[phase], "x": round(x, 1), "y": y})
-        x += item_w
-    top = y + 26
+    legend, top = legend_layout(used, colours, width)
 
     def total(result: dict) -> float:
         return sum(v for p, v in result["phases"].items() if p in used and isinstance(v, int | float))
@@ -384,3 +397,32 @@ def render_report(results: list[dict], out_dir: Path, title: str = DEFAULT_TITLE
     res.write_junit(results, out_dir / "junit.xml", suite="fastrestart")
     paths["junit"] = out_dir / "junit.xml"
     return paths
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+"""Headless and quiet: without the networking flags Chromium keeps dialling out of a closed network."""
+
+
+def chromium() -> str | None:
+    """The Chromium binary on this machine, if any."""
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def screenshot(html: Path, png: Path, width: int = 1600, height: int = 1200, timeout: float = 120) -> Path:
+    """Render `html` in headless Chromium and save what a reader sees as `png`.
+
+    Raises UsageError when Chromium is missing or fails, naming the package and its output."""
+    binary = chromium()
+    if binary is None:
+        raise UsageError("headless Chromium is not installed: `apt-get install chromium` (./setup does it).")
+    png = Path(png)
+    with tempfile.TemporaryDirectory(prefix="fr-chromium-") as profile:
+        proc = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                               f"--window-size={width},{height}", f"--screenshot={png.resolve()}",
+                               Path(html).resolve().as_uri()],
+                              capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not png.exists():
+        raise UsageError(f"Chromium could not render {html} (exit {proc.returncode}): "
+                             f"{proc.stderr.strip()[-800:]}")
+    return png

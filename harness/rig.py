@@ -90,6 +90,23 @@ def parse_size_mib(text: str) -> int:
     return value * 1024 if match[2].lower() == "g" else value
 
 
+OVMF_PATHS = ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF.fd", "/usr/share/qemu/OVMF.fd")
+
+
+def firmware_args(config: RigConfig) -> list[str]:
+    """L1's firmware: nothing for SeaBIOS (QEMU's default), ``-bios OVMF.fd`` for UEFI. -kernel still
+    works under OVMF (fw_cfg), so only the firmware in front of the kernel changes."""
+    if config.firmware == "seabios":
+        return []
+    if config.firmware != "ovmf":
+        raise UsageError(f"Unknown L1 firmware '{config.firmware}'. Use seabios or ovmf.")
+    found = next((path for path in OVMF_PATHS if Path(path).exists()), None)
+    if not found:
+        raise UsageError("OVMF is not installed (no OVMF.fd in " + ", ".join(OVMF_PATHS) + "). Install it with "
+                         "`apt-get install ovmf` (./setup does).")
+    return ["-bios", found]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -109,6 +126,8 @@ class RigConfig:
     ram_backend: str = "auto"  # auto | devdax | fsdax | memfd
     shared_ram: bool = True
     l1_cpus: int = 2
+    firmware: str = "seabios"  # L1's firmware: seabios (QEMU's default) | ovmf (UEFI, Debian's ovmf package)
+    state_extra_mib: int = 0  # more room in the state region (the bench copies RAM there on some cycles)
 
 
 @dataclass
@@ -184,7 +203,7 @@ class Rig:
         self.run_dir = run_dir
         self.log_dir = run_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.layout = Layout.for_l2(config.l2_mem_mib, STATE_REGION_MIB + (
+        self.layout = Layout.for_l2(config.l2_mem_mib, STATE_REGION_MIB + config.state_extra_mib + (
             0 if config.shared_ram else config.l2_mem_mib + 64))
         self.accel = accel_mod.choose(config.accel)
         self.devices: list[PassthroughDevice] = [self._device(name) for name in config.devices]
@@ -196,6 +215,7 @@ class Rig:
         self.l2_consoles: list = []
         self.ports = {"qmp": [free_port(), free_port()], "console": [free_port(), free_port()]}
         self.timings: dict[str, float] = {}
+        self.extra_cmdline: list[str] = []  # L1 kernel parameters a restart mode needs (luo: kho=on ...)
 
     def _device(self, name: str) -> PassthroughDevice:
         if name not in DEVICE_CLASSES:
@@ -208,9 +228,14 @@ class Rig:
     # -- L1 --------------------------------------------------------------------------------
     def l1_cmdline(self, with_memmap: bool = True) -> str:
         parts = ["console=ttyS0,115200", "intel_iommu=on", "iommu=pt", "panic=0", "mitigations=off"]
+        if self.accel.name == "tcg":
+            # Under TCG on loaded cores the IO-APIC timer check at boot can miss its window and
+            # panic ("timer doesn't work through Interrupt-remapped IO-APIC"): a rig flake, not
+            # something a restart did. KVM guests skip the check the same way.
+            parts.append("no_timer_check")
         if with_memmap:
             parts.append(self.layout.memmap())
-        return " ".join(parts)
+        return " ".join(parts + self.extra_cmdline)
 
     def l1_args(self, boot_img: Path) -> list[str]:
         forwards = {self.ports["qmp"][i]: L1_QMP_PORTS[i] for i in range(2)}
@@ -219,6 +244,7 @@ class Rig:
                  VirtioDisk(self.artifacts.userspace.image, "fr-usr"), VirtioDisk(boot_img, "fr-boot"),
                  UserNet(forwards)]
         args = ["-name", "l1", "-machine", "q35,kernel-irqchip=split", *self.accel.args,
+                *firmware_args(self.config),
                 "-smp", str(self.config.l1_cpus), "-m", f"{self.layout.l1_mem_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none",
                 "-kernel", str(self.artifacts.kernel_from.image), "-initrd", str(self.artifacts.initrd_from),

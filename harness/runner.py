@@ -83,6 +83,8 @@ def probe(cell: Cell, rig_config: RigConfig) -> tuple[probes.QemuCaps, modes.Mod
         missing = probes.missing_kernel_options(kernel, probes.RIG_KERNEL_OPTIONS)
         if missing:
             raise Unsupported(f"kernel {kernel.release} lacks {', '.join(missing)}")
+    for kernel in (kernel_from, kernel_to):  # both: the mode must work before and after the kexec
+        mode.check_kernel(kernel, list(cell.devices))
     facts = {"qemu": caps.version, "kernel_from": kernel_from.release, "kernel_to": kernel_to.release,
              "backend": backend}
     return caps, mode, facts
