@@ -156,7 +156,9 @@ class Workloads:
         edu_dir, blk_dir = self._dirs()
         l2.console.check(f"mkdir -p {edu_dir} {blk_dir}", step=step)
         if "edu" in self.devices:
-            rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {edu_dir} --irq intx",
+            # With its own vIOMMU, L2 drives edu through vfio-pci and MSI; without, uio and INTx.
+            irq = "msi" if self.rig.config.l2_iommu else "intx"
+            rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {edu_dir} --irq {irq}",
                                    step, timeout=120)
             if rc != 0:
                 raise StepError(step, "edutest could not start", {"output": ready})

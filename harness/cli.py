@@ -55,13 +55,15 @@ def _cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="edu,nvme", help="assigned devices, comma separated, or 'none'")
     parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
     parser.add_argument("--ram-backend", default="auto", choices=["auto", "devdax", "fsdax"])
+    parser.add_argument("--l2-iommu", action="store_true",
+                        help="give L2 an intel-iommu: edu then runs on vfio-pci in L2 with MSI (default: INTx via uio)")
 
 
 def _cell_from(args: argparse.Namespace, **extra) -> Cell:
     devices = tuple(d for d in args.devices.split(",") if d and d != "none")
     return Cell(kernel=args.kernel, to_kernel=args.to_kernel, l2_kernel=args.l2_kernel, l1_qemu=args.l1_qemu,
                 l0_qemu=args.l0_qemu, accel=args.accel, devices=devices, l2_mem=args.l2_mem,
-                ram_backend=args.ram_backend, **extra)
+                ram_backend=args.ram_backend, l2_iommu=args.l2_iommu, **extra)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -353,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--routes", default="fast-restart,ram-copy,firmware-reboot-seabios,firmware-reboot-ovmf,"
                        "cpr-transfer,cold-boot", help="routes, comma separated")
     bench.add_argument("--devices", default="none",
-                       help="assigned devices for every route (default none: with devices, a second S3 suspend "
-                            "fails, so a rig could not cycle)")
+                       help="assigned devices for every route (default none: cpr-transfer with vfio devices "
+                            "loses interrupts or stops the guest, see README)")
     bench.add_argument("--mem-check", type=int, default=32, help="MiB of L2 RAM the memory check fills")
     bench.add_argument("--kernel", default="debian:trixie", help="L1 kernel spec")
     bench.add_argument("--l1-qemu", default="trixie", help="QEMU in L1 (every route shares it)")

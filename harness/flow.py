@@ -171,7 +171,8 @@ class Flow:
         except StepError:
             status = "unknown (QMP gone)"
         if status in ("internal-error", "guest-panicked", "shutdown", "io-error") or status.startswith("unknown"):
-            _, qemu_log = self.rig.sh.run(f"tail -5 {self.l2.log_path} | cut -c1-300")
+            # The lines that say what happened, not the register dump QEMU prints after them.
+            _, qemu_log = self.rig.sh.run(f"grep -iE 'error|fail|warning' {self.l2.log_path} | tail -5 | cut -c1-300")
             raise CheckFailed("liveness", f"L2 stopped after the restart: its QEMU reports runstate {status}",
                               {"console": str(exc)[:500], "l2 qemu log": qemu_log}) from exc
 
@@ -404,7 +405,13 @@ class Flow:
 
     @step("verify")
     def verify(self) -> dict:
-        return {"checks": self.workloads.verify(self.l2, self.findings, self.options.inject)}
+        try:
+            return {"checks": self.workloads.verify(self.l2, self.findings, self.options.inject)}
+        except (StepError, ConsoleTimeout) as exc:
+            # The guest can die after it resumed (seen: "kvm run failed Bad address" minutes after a
+            # cpr-transfer hand-over): its QEMU's runstate decides between a FAIL and a broken rig.
+            self.fail_if_guest_died(exc)
+            raise
 
     def close(self) -> None:
         self._flow_log.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from .console import Console, connect_tcp
-from .devices import Device, _props
+from .devices import Device, IntelIommu, _props
 from .errors import StepError
 from .qmp import Qmp
 
@@ -81,21 +81,26 @@ class L2Spec:
     vfio: list[VfioPci] = field(default_factory=list)
     allow_s3: bool = False
     aux_ram_share: bool = False
+    viommu: bool = False  # L2's own intel-iommu: its devices then use vfio-pci and MSI inside L2
     cpus: int = 1
 
     def args(self, ports: int = 0, incoming: list[str] | None = None, plug_vfio: bool = True) -> list[str]:
         # A first boot waits for the console client so that no boot message is lost; an incoming
         # QEMU must not wait (cpr-transfer creates chardevs only once the old QEMU has connected).
-        machine = _props("q35", memory_backend="mem", aux_ram_share=True if self.aux_ram_share else None)
+        machine = _props("q35", memory_backend="mem", aux_ram_share=True if self.aux_ram_share else None,
+                         kernel_irqchip="split" if self.viommu else None)  # intremap needs the split irqchip
+        append = self.append + (" intel_iommu=on" if self.viommu else "")
         args = ["-name", "l2", "-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(self.cpus),
                 "-m", f"{self.ram.size_mib}M", "-nodefaults", "-no-user-config", "-display", "none",
-                *self.ram.args(), "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
+                *self.ram.args(), "-kernel", self.kernel, "-initrd", self.initrd, "-append", append,
                 "-chardev", f"socket,id=con0,host=0.0.0.0,port={L1_CONSOLE_PORTS[ports]},server=on,"
                             f"wait={'off' if incoming else 'on'}",
                 "-serial", "chardev:con0",
                 "-qmp", f"tcp:0.0.0.0:{L1_QMP_PORTS[ports]},server=on,wait=off"]
         if self.allow_s3:
             args += ["-global", "ICH9-LPC.disable_s3=0"]
+        if self.viommu:  # before the devices it translates for
+            args += IntelIommu().args()
         for device in self.vfio:
             args += device.args() if plug_vfio else device.port_args()
         for spec in incoming or []:

@@ -33,7 +33,7 @@ L1_MODULES = [
     "kvm_amd", "kvm_intel", "vfio_pci", "vfio_iommu_type1", "nd_e820", "nd_pmem", "dax_pmem",
     "device_dax", "ext4", "crc32c_generic", "virtio_blk", "virtio_net", "virtio_pci",
 ]
-L2_MODULES = ["nvme", "uio_pci_generic", "vfio_pci", "virtio_blk"]
+L2_MODULES = ["nvme", "uio_pci_generic", "vfio_pci", "vfio_iommu_type1", "virtio_blk"]
 L1_PACKAGES = ["qemu-system-x86", "kexec-tools", "ndctl", "daxctl", "e2fsprogs"]
 L2_WORKLOADS = ["memcheck", "edutest", "blkcheck"]
 L1_TOOLS = ["l1tool"]

@@ -26,9 +26,9 @@ from harness.report import environment
 from harness.results import VERDICTS
 
 RUN_OPTIONS = ("kernel", "to_kernel", "l1_qemu", "mode", "devices", "l2_mem", "inject", "cycles",
-               "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check")
+               "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu")
 """Cell keys that are `fastrestart run` options (`to_kernel` → `--to-kernel`), in argument order.
-`shared_ram: false` is the flag `--no-shared-ram`."""
+`shared_ram: false` is the flag `--no-shared-ram`; `l2_iommu: true` is `--l2-iommu`."""
 META_KEYS = ("name", "expect", "description")
 """Cell keys that describe the cell rather than the run."""
 CELL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -127,6 +127,9 @@ def cell_args(cell: dict) -> list[str]:
             continue
         if key == "shared_ram":
             args += [] if value else ["--no-shared-ram"]
+            continue
+        if key == "l2_iommu":
+            args += ["--l2-iommu"] if value else []
             continue
         if isinstance(value, list):
             value = ",".join(value) or "none"

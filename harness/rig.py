@@ -125,6 +125,7 @@ class RigConfig:
     l2_mem_mib: int = 256
     ram_backend: str = "auto"  # auto | devdax | fsdax | memfd
     shared_ram: bool = True
+    l2_iommu: bool = False  # give L2 an intel-iommu, so its edu runs on vfio-pci with MSI
     l1_cpus: int = 2
     firmware: str = "seabios"  # L1's firmware: seabios (QEMU's default) | ovmf (UEFI, Debian's ovmf package)
     state_extra_mib: int = 0  # more room in the state region (the bench copies RAM there on some cycles)
@@ -368,7 +369,7 @@ class Rig:
         kind = "memfd" if memfd else self.ram_backend_kind() if self.config.shared_ram else "ram"
         vfio = [VfioPci(d.name, d.l1_bdf, i) for i, d in enumerate(self.devices)]
         return L2Spec(RamBackend(kind, self.config.l2_mem_mib, ram_path), vfio=vfio, allow_s3=allow_s3,
-                      aux_ram_share=aux_ram_share)
+                      aux_ram_share=aux_ram_share, viommu=self.config.l2_iommu)
 
     def start_l2(self, spec: L2Spec, incoming: list[str] | None = None, plug_vfio: bool = True,
                  wait_ready: bool = True, connect: bool = True, timeout: float = BOOT_DEADLINE_S) -> L2:

@@ -36,6 +36,7 @@ class Cell:
     l2_kernel: str = "debian:trixie"
     ram_backend: str = "auto"
     shared_ram: bool = True
+    l2_iommu: bool = False
     cycles: int = 1
     inject: str | None = None
     mem_check_mib: int | None = None
@@ -46,6 +47,8 @@ class Cell:
             return self.name
         kernel = self.kernel.split(":")[-1] + (f"-to-{self.to_kernel.split(':')[-1]}" if self.to_kernel else "")
         parts = [kernel, f"q{self.l1_qemu}", self.mode, "+".join(self.devices) or "nodev", self.l2_mem]
+        if self.l2_iommu:
+            parts.append("l2iommu")
         if self.inject:
             parts.append(self.inject)
         return "-".join(parts)
@@ -98,7 +101,8 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
     rig_config = RigConfig(
         kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
         l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
-        l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram)
+        l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram,
+        l2_iommu=cell.l2_iommu)
     flow = rig = None
     try:
         progress("probe")

@@ -39,6 +39,7 @@ def cell_from_params(params, name: str) -> Cell:
         l0_qemu=params.get("l0_qemu", default=None),
         accel=params.get("accel", default=None),
         shared_ram=bool(params.get("shared_ram", default=True)),
+        l2_iommu=bool(params.get("l2_iommu", default=False)),
         mem_check_mib=params.get("mem_check", default=None),
     )
 

@@ -7,6 +7,8 @@ fail (and that the checks it cannot reach still pass).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness.runner import Cell, run_cell
@@ -98,7 +100,8 @@ def test_cpr_transfer_keeps_the_host_and_changes_the_qemu(tmp_path):
     Measured here (QEMU 11.1 in L1, kernel 6.12), two outcomes: either the guest carries on with
     sub-second downtime but edu's Bus Master Enable is cleared at the hand-over and INTx interrupts
     are lost ("failed to setup resample irqfd"), or the new QEMU stops the guest with "kvm run
-    failed Bad address" on edu's BAR. So the test asserts the hand-over and an honest verdict
+    failed Bad address" on edu's BAR, at the resume or later, during verify. So the test asserts the
+    hand-over and an honest verdict
     (FAIL with evidence, never ERROR); the conformance matrix reports the verdicts.
     """
     result = run(tmp_path, l1_qemu="sid", mode="cpr-transfer")
@@ -136,3 +139,48 @@ def test_three_cycles_four_host_boots_one_guest(tmp_path):
     assert len(result["l2"]["boot_ids"]) == 1 and len(result["per_cycle"]) == 3
     assert all(c["evidence"]["resume"]["resumed_with"] == "system_wakeup" for c in result["per_cycle"])
     assert checks(result) == {"liveness": "PASS", "memory": "PASS", "dma": "PASS", "interrupts": "PASS"}
+
+
+viommu = pytest.mark.skipif(
+    os.environ.get("FASTRESTART_VIOMMU_TESTS") != "1",
+    reason="L2 with its own vIOMMU froze during PCI enumeration of the assigned edu in 2 of 11 boots here "
+           "(README, known findings): too flaky for CI. Run with FASTRESTART_VIOMMU_TESTS=1.")
+
+
+def edu_interrupts(result: dict) -> list[dict]:
+    """edu's interrupt counts, per segment when the devices were hot-plugged."""
+    evidence = result["checks"]["interrupts"]["evidence"]
+    segments = [s["evidence"] for s in evidence.values() if isinstance(s, dict) and "evidence" in s]
+    return [s["edu"] for s in segments or [evidence]]
+
+
+@viommu
+def test_edu_msi_in_l2_with_its_own_viommu(tmp_path):
+    # With an intel-iommu of its own, L2 drives edu through vfio-pci and MSI (uio can only do INTx).
+    # hotplug needs no guest S3, which breaks DMA behind a guest vIOMMU (next test).
+    result = run(tmp_path, l2_iommu=True, mode="hotplug")
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    for edu in edu_interrupts(result):
+        assert edu["irq"] == "msi" and edu["irq_expected"] == edu["irq_received"] > 0
+
+
+@viommu
+def test_msi_dropped_across_the_restart_is_caught(tmp_path):
+    result = run(tmp_path, l2_iommu=True, mode="hotplug", inject="irq-drop")
+    assert result["verdict"] == "FAIL", result["reason"] or result["error"]
+    verdicts = checks(result)
+    assert verdicts["interrupts"] == "FAIL" and edu_interrupts(result)[-1]["irq"] == "msi"
+    assert {verdicts[name] for name in ("liveness", "memory", "dma")} == {"PASS"}
+
+
+@viommu
+def test_guest_s3_behind_a_guest_viommu_loses_dma(tmp_path):
+    """A finding, pinned: with a vIOMMU in L2, the guest's S3 wake (which cpr-reboot needs for vfio)
+    leaves vfio's shadow of L2's IOMMU mappings empty in QEMU 10.0: DMA after the resume faults in
+    L1's IOMMU ("PTE Read access is not set") and lands nowhere. One QEMU and a suspend without
+    any restart show the same, so it is S3 behind a vIOMMU, not CPR. The harness must call it a
+    DMA FAIL with the DMAR faults as evidence, never a broken rig."""
+    result = run(tmp_path, l2_iommu=True)
+    assert result["mode"] == "cpr-reboot" and result["verdict"] == "FAIL", result["reason"] or result["error"]
+    assert checks(result)["dma"] == "FAIL" and checks(result)["memory"] == "PASS"
+    assert result["checks"]["interrupts"]["evidence"]["l1_dmar_faults"]
