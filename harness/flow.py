@@ -251,7 +251,8 @@ class Flow:
             self.workloads.edu_slots = self.workloads.slot_gpas(self.l2, 64)
         mark("workloads")
         return {"timeline_s": marks, "l1": facts, "pmem": pmem, "l1_drivers": drivers,
-                "l2_devices": self.workloads.devices, "workloads": self.workloads.ready}
+                "l2_devices": self.workloads.devices, "workloads": self.workloads.ready,
+                "l2_console_reconnects": self.l2.console_reconnects}
 
     @step("save")
     def save(self) -> dict:

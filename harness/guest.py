@@ -120,11 +120,18 @@ class L2:
         self.console: Console | None = None
         self.qmp: Qmp | None = None
         self.log_path = ""
+        self.console_reconnects = 0
 
     def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60) -> None:
         sock = connect_tcp(l0_console_port, timeout)
         self.console = Console(f"l2[{self.generation}]", sock, self.log)
         self.connect_qmp(l0_qmp_port, timeout)
+
+    def reconnect_console(self, l0_console_port: int, timeout: float = 60) -> None:
+        """A fresh connection to the same console chardev (what the guest wrote meanwhile is lost)."""
+        self.console.close()
+        self.log.write(b"\n[fastrestart: the console stream stalled; reconnected]\n")
+        self.console = Console(f"l2[{self.generation}]", connect_tcp(l0_console_port, timeout), self.log)
 
     def connect_qmp(self, l0_qmp_port: int, timeout: float = 60) -> None:
         self.qmp = Qmp(("127.0.0.1", l0_qmp_port), self.run_dir / "qmp-transcript.jsonl",

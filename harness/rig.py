@@ -19,7 +19,7 @@ from pathlib import Path
 from . import accel as accel_mod
 from . import guest, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
-from .errors import StepError, UsageError
+from .errors import ConsoleTimeout, StepError, UsageError
 from .guest import (
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
@@ -42,6 +42,7 @@ READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
 READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
 # Deadlines, not expectations: under TCG on 2 shared cores a boot can take several times longer.
 BOOT_DEADLINE_S = 300
+CONSOLE_STALL_S = 120  # no READY by then while QEMU runs: the console stream may have stalled
 
 
 @dataclass(frozen=True)
@@ -391,9 +392,30 @@ class Rig:
         if connect:
             self.connect_l2(l2, timeout, wait_listening=False)
         if wait_ready:
-            l2.console.expect(READY_L2, timeout=timeout, step="boot-l2")
-            l2.console.sync()
+            self.wait_l2_ready(l2, timeout)
         return l2
+
+    def wait_l2_ready(self, l2: L2, timeout: float) -> None:
+        """Wait for L2's init to say it is ready; if the console stream stalls, reconnect it once.
+
+        Seen here: L0 received the first byte of the READY line and then nothing, while the guest ran
+        on and its QMP answered. A new connection to the same chardev gets a shell that answers.
+        """
+        first = min(timeout, CONSOLE_STALL_S)
+        try:
+            l2.console.expect(READY_L2, timeout=first, step="boot-l2")
+        except ConsoleTimeout:
+            if l2.qmp.cmd("query-status", step="boot-l2", timeout=10)["status"] != "running":
+                raise
+            l2.reconnect_console(self.ports["console"][l2.ports])
+            l2.console_reconnects += 1
+            try:  # a boot still under way: input typed before its shell starts would be mangled
+                l2.console.expect(READY_L2, timeout=min(max(timeout - first, 30), 60), step="boot-l2")
+            except ConsoleTimeout:
+                pass  # the READY line went with the old stream; a shell that answers is the proof
+            l2.console.sync(timeout=60)
+            return
+        l2.console.sync()
 
     def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S, wait_listening: bool = True) -> None:
         """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports).

@@ -100,3 +100,19 @@ def test_rig_check_reports_every_part(tmp_path, start, kernel):
     assert {d["name"]: d["l2_driver"] for d in report["devices"]}["nvme"] == "nvme"
     assert report["pmem"]["ram_path"].startswith("/dev/dax")
     assert qemu_pids_for(tmp_path) == []
+
+
+def test_a_stalled_l2_console_is_reconnected(tmp_path, monkeypatch):
+    """Seen here: L0 got one byte of L2's READY line, then nothing, while the guest ran on. With the
+    stall window shorter than any boot, the first wait always 'stalls': the run must reconnect the
+    console, go on, and say so in its evidence."""
+    from harness import rig
+    from harness.runner import Cell, run_cell
+
+    monkeypatch.setattr(rig, "CONSOLE_STALL_S", 2)
+    result = run_cell(Cell(devices=(), mode="ignore-shared", mem_check_mib=16), tmp_path / "run")
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    assert len(result["per_cycle"]) == 1
+    flow_log = (tmp_path / "run" / "logs" / "flow.log").read_text()
+    assert '"l2_console_reconnects": 1' in flow_log
+    assert b"reconnected" in (tmp_path / "run" / "logs" / "l2-console.log").read_bytes()
