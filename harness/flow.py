@@ -250,9 +250,10 @@ class Flow:
         if self.options.inject == "dma-corrupt":
             self.workloads.edu_slots = self.workloads.slot_gpas(self.l2, 64)
         mark("workloads")
-        return {"timeline_s": marks, "l1": facts, "pmem": pmem, "l1_drivers": drivers,
-                "l2_devices": self.workloads.devices, "workloads": self.workloads.ready,
-                "l2_console_reconnects": self.l2.console_reconnects}
+        # The rig's own retries first: flow.log keeps only the head of long evidence.
+        return {"timeline_s": marks, "l1_failed_first_boots": boot["failed_attempts"],
+                "l2_console_reconnects": self.l2.console_reconnects, "l1": facts, "pmem": pmem,
+                "l1_drivers": drivers, "l2_devices": self.workloads.devices, "workloads": self.workloads.ready}
 
     @step("save")
     def save(self) -> dict:

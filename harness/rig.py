@@ -19,7 +19,7 @@ from pathlib import Path
 from . import accel as accel_mod
 from . import guest, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
-from .errors import ConsoleTimeout, StepError, UsageError
+from .errors import ConsoleTimeout, GuestPanic, StepError, UsageError
 from .guest import (
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
@@ -42,6 +42,8 @@ READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
 READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
 # Deadlines, not expectations: under TCG on 2 shared cores a boot can take several times longer.
 BOOT_DEADLINE_S = 300
+L1_FIRST_BOOT_ATTEMPTS = 2
+NO_USERSPACE = r"fastrestart-l1: no userspace disk"
 CONSOLE_STALL_S = 120  # no READY by then while QEMU runs: the console stream may have stalled
 
 
@@ -233,7 +235,7 @@ class Rig:
         if self.accel.name == "tcg":
             # Under TCG on loaded cores the IO-APIC timer check at boot can miss its window and
             # panic ("timer doesn't work through Interrupt-remapped IO-APIC"): a rig flake, not
-            # something a restart did. KVM guests skip the check the same way.
+            # something a restart did.
             parts.append("no_timer_check")
         if with_memmap:
             parts.append(self.layout.memmap())
@@ -263,13 +265,25 @@ class Rig:
             if getattr(device, "backing", None) is not None and not device.backing.exists():
                 with device.backing.open("wb") as scratch:
                     scratch.truncate(device.size_mib * MIB)
-        started = time.monotonic()
-        self.l1 = Machine("l1", self.l0_prefix, self.l1_args(boot_img), self.log_dir)
-        self.l1.launch()
-        match = self.l1.console.expect(READY_L1, fail=r"fastrestart-l1: no userspace disk", timeout=timeout,
-                                       step="boot-l1")
+        failed: list[str] = []
+        while True:
+            started = time.monotonic()
+            self.l1 = Machine("l1", self.l0_prefix, self.l1_args(boot_img), self.log_dir)
+            self.l1.launch()
+            try:
+                match = self.l1.console.expect(READY_L1, fail=NO_USERSPACE, timeout=timeout, step="boot-l1")
+                break
+            except (ConsoleTimeout, GuestPanic) as exc:
+                # Nothing under test has happened yet: a first boot that hangs or panics is a rig flake
+                # (seen under loaded TCG: CPU0's tick stopped, "rcu_preempt kthread timer wakeup didn't
+                # happen"). One more try; the log keeps both. kexec boots are never retried.
+                failed.append(str(exc).splitlines()[0])
+                if len(failed) >= L1_FIRST_BOOT_ATTEMPTS:
+                    raise
+                self.l1.shutdown()
         self.l1.console.sync()
-        return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1))}
+        return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1)),
+                "failed_attempts": failed}
 
     @property
     def sh(self):

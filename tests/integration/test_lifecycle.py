@@ -116,3 +116,26 @@ def test_a_stalled_l2_console_is_reconnected(tmp_path, monkeypatch):
     flow_log = (tmp_path / "run" / "logs" / "flow.log").read_text()
     assert '"l2_console_reconnects": 1' in flow_log
     assert b"reconnected" in (tmp_path / "run" / "logs" / "l2-console.log").read_bytes()
+
+
+def test_a_first_l1_boot_that_hangs_is_retried_once(tmp_path, monkeypatch):
+    """L1's first boot, before anything under test happened, may hang under loaded TCG (seen: CPU0's
+    tick stopped). The rig stops that L1, boots another, and the evidence names the failed try."""
+    from harness import console, rig
+    from harness.errors import ConsoleTimeout
+    from harness.runner import Cell, run_cell
+
+    real_expect, hung = console.Console.expect, []
+
+    def first_boot_hangs(self, ok, *args, **kwargs):
+        if ok == rig.READY_L1 and not hung:
+            hung.append(self.name)
+            raise ConsoleTimeout(f"{self.name}: no READY (simulated hang)")
+        return real_expect(self, ok, *args, **kwargs)
+
+    monkeypatch.setattr(console.Console, "expect", first_boot_hangs)
+    result = run_cell(Cell(devices=(), mode="ignore-shared", mem_check_mib=16), tmp_path / "run")
+    assert result["verdict"] == "PASS", result["reason"] or result["error"]
+    flow_log = (tmp_path / "run" / "logs" / "flow.log").read_text()
+    assert '"l1_failed_first_boots": ["l1: no READY (simulated hang)"]' in flow_log
+    assert len(set(result["l1"]["boot_ids"])) == 2  # the kexec happened once, on the second L1

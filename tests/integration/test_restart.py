@@ -143,7 +143,7 @@ def test_three_cycles_four_host_boots_one_guest(tmp_path):
 
 viommu = pytest.mark.skipif(
     os.environ.get("FASTRESTART_VIOMMU_TESTS") != "1",
-    reason="L2 with its own vIOMMU froze during PCI enumeration of the assigned edu in 2 of 11 boots here "
+    reason="L2 with its own vIOMMU did not come up in 2 of 11 boots here (stuck at PCI enumeration of edu) "
            "(README, known findings): too flaky for CI. Run with FASTRESTART_VIOMMU_TESTS=1.")
 
 
