@@ -95,11 +95,15 @@ def inject_after_resume(flow: Flow) -> dict:
     # INTx: set Interrupt Disable in the physical function's command register; MSI: clear MSI
     # Enable. Either way, vfio-pci in L1 never sees the interrupt again.
     rc, out = flow.rig.sh.run(f"l1tool msi-disable {edu.l1_bdf}")
+    # vfio-pci in L1 masks INTx with the same Interrupt Disable bit and clears it again when an
+    # in-flight interrupt is unmasked: set it three times over a second, so that it sticks (once
+    # it holds, no interrupt is in flight any more).
     command = flow.rig.sh.check(
+        f"for i in 1 2 3; do "
         f"c=$(dd if=/sys/bus/pci/devices/{edu.l1_bdf}/config bs=1 skip=4 count=2 2>/dev/null | od -An -tu2); "
         f"n=$((c | 0x400)); printf \"$(printf '\\\\%03o\\\\%03o' $((n & 255)) $((n >> 8)))\" | "
         f"dd of=/sys/bus/pci/devices/{edu.l1_bdf}/config bs=1 seek=4 count=2 conv=notrunc 2>/dev/null; "
-        f"echo before=$c after=$n", step="inject")
+        f"[ $i = 1 ] && b=$c; sleep 0.5; done; echo before=$b after=$n", step="inject")
     if "after=" not in command:
         raise StepError("inject", "could not mask edu's INTx in L1", {"output": command})
     return {"injected": "irq-drop", "msi": out.strip() if rc == 0 else "no MSI enabled", "intx_mask": command.strip()}
