@@ -12,6 +12,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+from . import workloads
 from .errors import StepError
 
 if TYPE_CHECKING:
@@ -166,6 +167,44 @@ class Workloads:
         if "nvme" in self.devices:
             dev = l2.console.check("ls /dev/nvme*n1 | head -1", step=step).strip()
             _, self.ready["nvme"] = self._json(l2, f"blkcheck start --dev {dev} --dir {blk_dir} --mib 32", step)
+            self.ready["fio"] = self._start_fio(l2, dev, blk_dir, step)
+
+    def _fio_json(self, l2: L2, path: str, step: str) -> dict:
+        # fio's JSON is multi-line and L2's serial line is slow: squeeze it onto one line.
+        out = l2.console.check(f"sed -n '/^{{/,$p' {path} | tr -d ' \\n'; echo", step=step)
+        return workloads.parse_fio(out)
+
+    def _start_fio(self, l2: L2, dev: str, directory: str, step: str) -> dict:
+        """fio writes its data set, then a verifying writer is left running across the restart."""
+        l2.console.run(workloads.fio_dataset_command(dev, f"{directory}/dataset-write.json", verify=False)
+                       + f" 2>{directory}/dataset-write.err", timeout=300, step=step)
+        written = self._fio_json(l2, f"{directory}/dataset-write.json", step)
+        if written["error"] or not written["writes"]:
+            raise StepError(step, "fio could not write its data set to the NVMe namespace",
+                            {"fio": written, "stderr": l2.console.run(f"cat {directory}/dataset-write.err")[1]})
+        # The wrapper execs fio, so $! is fio's pid.
+        l2.console.check(f"{workloads.fio_across_command(dev, f'{directory}/across.json')} </dev/null >/dev/null "
+                         f"2>{directory}/across.err & echo $! >{directory}/across.pid", step=step)
+        return {"dataset_written": written, "dev": dev}
+
+    def _verify_fio(self, l2: L2, directory: str, step: str) -> dict:
+        """Stop the writer (every submitted I/O must complete for it to exit), then read the
+        data set back; fio checks each block's crc32c."""
+        _, stopped = l2.console.run(
+            f"p=$(cat {directory}/across.pid); kill -TERM $p; i=0; "
+            f"while kill -0 $p 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; "
+            f"kill -0 $p 2>/dev/null && echo STILL-RUNNING || echo EXITED", timeout=120, step=step)
+        result: dict = {"across_exited": "EXITED" in stopped}
+        if result["across_exited"]:
+            result["across"] = self._fio_json(l2, f"{directory}/across.json", step)
+        dev = self.ready["fio"]["dev"]
+        l2.console.run(workloads.fio_dataset_command(dev, f"{directory}/dataset-verify.json", verify=True)
+                       + f" 2>{directory}/dataset-verify.err", timeout=300, step=step)
+        result["dataset"] = self._fio_json(l2, f"{directory}/dataset-verify.json", step)
+        _, errors = l2.console.run(f"cat {directory}/across.err {directory}/dataset-verify.err 2>/dev/null | "
+                                   "grep -v 'terminating on signal' | head -6", step=step)
+        result["stderr"] = errors.strip().splitlines()
+        return result
 
     def stop_devices(self, l2: L2, label: str, step: str) -> None:
         """Verify and stop the device workloads now (before a hot-unplug takes the devices away)."""
@@ -194,6 +233,7 @@ class Workloads:
             _, edu = self._json(l2, f"edutest verify --dir {edu_dir} --timeout 60", step)
         if "nvme" in self.ready:
             _, blk = self._json(l2, f"blkcheck verify --dir {blk_dir} --timeout 120", step)
+            blk["fio"] = self._verify_fio(l2, blk_dir, step)
         return edu, blk
 
     def slot_gpas(self, l2: L2, count: int) -> list[str]:
@@ -264,7 +304,25 @@ def dma_verdict(edu: dict | None, blk: dict | None) -> dict:
                                                     "first_bad", "direct")}
         if blk.get("bad_blocks"):
             problems.append(f"nvme: {blk['bad_blocks']} bad block(s)")
+        if "fio" in blk:
+            evidence["nvme"]["fio"] = blk["fio"]
+            problems += fio_dma_problems(blk["fio"])
     return verdict("FAIL", evidence, "; ".join(problems)) if problems else verdict("PASS", evidence)
+
+
+def fio_dma_problems(fio: dict) -> list[str]:
+    """What fio's two jobs say about the data: the data set read back, and the writer's own
+    verify reads while it ran across the restart."""
+    problems = []
+    dataset, across = fio.get("dataset", {}), fio.get("across")
+    if dataset.get("verify_errors") or dataset.get("error"):
+        problems.append(f"nvme: fio found {dataset.get('verify_errors') or 'some'} bad block(s) in its "
+                        f"data set (crc32c)")
+    elif dataset.get("reads", 0) * workloads.FIO_BS < workloads.FIO_DATASET_MIB[1] << 20:
+        problems.append(f"nvme: fio read back only {dataset.get('reads')} blocks of its data set")
+    if across and (across.get("verify_errors") or across.get("error") == 84):  # EILSEQ: verify failed
+        problems.append("nvme: fio's writer read back a bad block while running across the restart")
+    return problems
 
 
 def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str], l1_findings: dict) -> dict:
@@ -284,6 +342,16 @@ def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str
         if blk.get("ios_submitted") != blk.get("ios_completed") or blk.get("io_errors"):
             problems.append(f"nvme: {blk.get('ios_completed')} of {blk.get('ios_submitted')} I/Os completed, "
                             f"{blk.get('io_errors')} error(s)")
+        fio = blk.get("fio")
+        if fio is not None:
+            across = fio.get("across") or {}
+            evidence["nvme"]["fio_across"] = {k: across.get(k) for k in ("writes", "reads", "error", "seconds")}
+            if not fio.get("across_exited"):
+                problems.append("nvme: fio's writer did not exit on SIGTERM within 60 s (an I/O never completed)")
+            elif across.get("error") not in (0, 84):  # 84 (a bad block) is the DMA check's
+                problems.append(f"nvme: fio's writer stopped with error {across.get('error')}")
+            elif not across.get("writes"):
+                problems.append("nvme: fio's writer completed no I/O across the restart")
     if l2_problems:
         problems.append(f"L2 kernel log: {l2_problems[0]}")
     if l1_findings:

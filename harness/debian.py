@@ -137,10 +137,22 @@ class AptRoot:
         self._apt("apt-get", "download", *packages)
         return [self._deb_for(p) for p in packages]
 
+    def closure(self, packages: list[str]) -> list[str]:
+        """The .deb file names of these packages and everything they depend on, as for an empty system."""
+        out = self._apt("apt-get", "install", "-s", "-y", *packages)
+        return sorted(f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+                      for name, version, arch in re.findall(r"^Inst (\S+) \((\S+) .*?\[(\S+)\]\)", out, re.M))
+
     def download_closure(self, packages: list[str]) -> list[Path]:
-        """Download these packages and everything they depend on, as for an empty system."""
+        """Download these packages and everything they depend on; only those, not the whole cache
+        (which also holds kernels, other closures and superseded versions)."""
         self._apt("apt-get", "--download-only", "-y", "install", *packages, timeout=1200)
-        return sorted(self.archives.glob("*.deb"))
+        debs = [self.archives / name for name in self.closure(packages)]
+        missing = [deb.name for deb in debs if not deb.exists()]
+        if missing or not debs:
+            raise UsageError(f"apt downloaded the closure of {' '.join(packages)} but {self.archives} lacks "
+                             f"{', '.join(missing) or 'all of it'}")
+        return debs
 
     def _deb_for(self, package: str) -> Path:
         matches = sorted(self.archives.glob(f"{package.replace('+', '%2b')}_*.deb")) or sorted(

@@ -3,7 +3,8 @@
 - ``mem-flip``: bytes of L2's RAM flipped in PMEM between save and restore (in L1, by mmap).
 - ``mem-lost``: the new kernel boots without the memmap= reservation (flow.kexec drops it).
 - ``dma-corrupt``: DMA payloads that edu wrote into L2 RAM are corrupted in PMEM while L2 is down
-  (after L1's "after" digest, so that only the DMA check can catch it).
+  (after L1's "after" digest, so that only the DMA check can catch it); with nvme, blocks of fio's
+  data set are corrupted in the namespace's backing file on L0, i.e. on the device's side.
 - ``irq-drop``: right after the resume, the assigned edu's interrupt is masked in the physical device
   (from L1, under vfio-pci) and never unmasked, so interrupts raised after the resume are lost.
 
@@ -12,10 +13,12 @@ Also the L1-side digest of the PMEM that holds L2's RAM.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import StepError, UsageError
-from .workloads import parse_l1tool
+from .workloads import FIO_BS, FIO_DATASET_MIB, parse_l1tool
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -39,8 +42,10 @@ def check_fault(name: str | None, devices: list[str]) -> None:
         return
     if name not in FAULTS:
         raise UsageError(f"Unknown fault '{name}'. Faults: {', '.join(FAULTS)}.")
-    if name in ("dma-corrupt", "irq-drop") and "edu" not in devices:
+    if name == "irq-drop" and "edu" not in devices:
         raise UsageError(f"--inject {name} needs the edu device (--devices edu,...).")
+    if name == "dma-corrupt" and not {"edu", "nvme"} & set(devices):
+        raise UsageError(f"--inject {name} needs a DMA device: edu or nvme (--devices edu,nvme).")
 
 
 def gpa_to_offset(gpa: int, ram_bytes: int) -> int:
@@ -79,12 +84,37 @@ def inject_before_restore(flow: Flow) -> dict:
     new kernel took its PMEM digest: only the DMA check's own re-verification can see it."""
     fault, rig = flow.options.inject, flow.rig
     ram_bytes = rig.config.l2_mem_mib * MIB
-    if fault == "dma-corrupt":
-        slots = flow.workloads.edu_slots
-        offsets = [gpa_to_offset(int(gpa, 16), ram_bytes) + 17 for gpa in slots]
+    if fault != "dma-corrupt":
+        return {}
+    facts: dict = {"injected": fault}
+    if flow.workloads.edu_slots:
+        offsets = [gpa_to_offset(int(gpa, 16), ram_bytes) + 17 for gpa in flow.workloads.edu_slots]
         flips = _flip(rig, flow.ram_path, offsets)
-        return {"injected": fault, "slots": len(offsets), "first_flip": flips[0] if flips else None}
-    return {}
+        facts.update(slots=len(offsets), first_flip=flips[0] if flips else None)
+    nvme = next((d for d in rig.devices if d.name == "nvme"), None)
+    if nvme is not None and "fio" in flow.workloads.ready:
+        facts["nvme_flips"] = corrupt_fio_dataset(nvme.backing)
+    return facts
+
+
+def corrupt_fio_dataset(backing: Path) -> list[dict]:
+    """Invert one byte in the first, a middle and the last block of fio's data set, in the
+    NVMe namespace's backing file on L0 (what a device that corrupts its media would do)."""
+    offset_mib, size_mib = FIO_DATASET_MIB
+    blocks = size_mib * MIB // FIO_BS
+    flips = []
+    with open(backing, "r+b") as disk:
+        for block in (0, blocks // 2, blocks - 1):
+            offset = offset_mib * MIB + block * FIO_BS + 1001
+            disk.seek(offset)
+            before = disk.read(1)[0]
+            disk.seek(offset)
+            disk.write(bytes([before ^ 0xFF]))
+            flips.append({"offset": offset, "block": block, "before": f"{before:#04x}",
+                          "after": f"{before ^ 0xFF:#04x}"})
+        disk.flush()
+        os.fsync(disk.fileno())
+    return flips
 
 
 def inject_after_resume(flow: Flow) -> dict:

@@ -224,7 +224,7 @@ class Flow:
     @step("prepare")
     def prepare(self) -> dict:
         boot = self.rig.boot_l1()
-        facts = self.rig.l1_facts()
+        facts = {**self.rig.l1_facts(), "tsc_khz": self.rig.tsc_khz()}
         self.l1_boot_ids.append(facts["boot_id"])
         self.l1_releases.append(facts["release"])
         iommu = self.rig.iommu_state()
@@ -247,7 +247,7 @@ class Flow:
         mark("l2_boot")
         self.workloads = checks.Workloads(self.rig, self.options.mem_check_mib)
         self.workloads.start(self.l2)
-        if self.options.inject == "dma-corrupt":
+        if self.options.inject == "dma-corrupt" and "edu" in self.workloads.devices:
             self.workloads.edu_slots = self.workloads.slot_gpas(self.l2, 64)
         mark("workloads")
         # The rig's own retries first: flow.log keeps only the head of long evidence.
@@ -323,7 +323,8 @@ class Flow:
             raise StepError("boot", f"L1 booted {facts['release']}, not the target {expected}")
         if facts["boot_id"] == self.l1_boot_ids[-2]:
             raise StepError("boot", "L1's boot_id did not change: no new kernel booted")
-        return {**facts, "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3),
+        return {**facts, "tsc_khz": self.rig.tsc_khz(),
+                "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3),
                 "first_line_to_init_s": round(at_init - first_line, 3),
                 "init_to_ready_s": round(at_ready - at_init, 3), "uptime_at_ready_s": float(ready.group(1))}
 

@@ -4,7 +4,8 @@
   Kept small on purpose: kexec's purgatory hashes every loaded byte, which is slow under TCG.
 - L1 userspace disk: QEMU of a chosen Debian suite plus kexec-tools, ndctl and e2fsprogs, as an
   ext4 image mounted read-only in L1.
-- L2 initramfs: busybox, the guest workloads and ``guests/l2/init``.
+- L2 initramfs: busybox, the guest workloads, fio (Debian's, with its libraries) and
+  ``guests/l2/init``.
 - Boot disk: per run, the kernels and initramfs images L1 needs to kexec and to start L2.
 """
 
@@ -37,6 +38,8 @@ L2_MODULES = ["nvme", "uio_pci_generic", "vfio_pci", "vfio_iommu_type1", "virtio
 L1_PACKAGES = ["qemu-system-x86", "kexec-tools", "ndctl", "daxctl", "e2fsprogs"]
 L2_WORKLOADS = ["memcheck", "edutest", "blkcheck"]
 L1_TOOLS = ["l1tool"]
+FIO_SUITE = "trixie"
+FIO_PREFIX = Path("opt/fio")  # in L2: the binary, its libraries and the loader that runs it
 
 
 def _require(tool: str, package: str) -> None:
@@ -142,20 +145,22 @@ def _cpio(root: Path, out: Path) -> None:
 
 
 def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
-               scripts: tuple[Path, ...] = ()) -> Path:
+               scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = ()) -> Path:
+    """``trees``: finished directory trees (each in its own content-keyed cache dir) copied in."""
     sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
     sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
-                      BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, files=(init, *sources, *scripts))
+                      BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, [str(t) for t in trees],
+                      files=(init, *sources, *scripts))
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"
     with artifact_lock():
         if not out.exists():
-            _build_initramfs(out, kernel, modules, tools, init, scripts)
+            _build_initramfs(out, kernel, modules, tools, init, scripts, trees)
     return out
 
 
 def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
-                     scripts: tuple[Path, ...] = ()) -> None:
+                     scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "root"
@@ -170,6 +175,8 @@ def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[
         for script in scripts:
             shutil.copyfile(script, root / "usr" / "local" / "bin" / script.name)
             (root / "usr" / "local" / "bin" / script.name).chmod(0o755)
+        for tree in trees:
+            shutil.copytree(tree, root, symlinks=True, dirs_exist_ok=True)
         shutil.copyfile(init, root / "init")
         (root / "init").chmod(0o755)
         _cpio(root, out)
@@ -181,9 +188,73 @@ def l1_initramfs(kernel: Kernel) -> Path:
 
 
 def l2_initramfs(kernel: Kernel) -> Path:
-    """The L2 guest's initramfs for this kernel, with the workloads."""
+    """The L2 guest's initramfs for this kernel, with the workloads and fio."""
     return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init",
-                      scripts=(REPO / "guests" / "l2" / "fr-suspend",))
+                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),))
+
+
+# -- fio -----------------------------------------------------------------------------------
+
+def fio_tree() -> Path:
+    """Debian's fio and exactly the shared libraries it loads, as a tree to copy into L2's root.
+
+    Debian links every ioengine into fio (ceph, gluster, rdma, pmem, nfs, nbd), so the libraries
+    come to about 57 MiB. Only the ELF NEEDED closure of the binary is kept, under /opt/fio,
+    with the loader that runs it; ``/usr/local/bin/fio`` is the wrapper that L2's shell calls.
+    Cached by the closure's package versions.
+    """
+    apt = AptRoot(FIO_SUITE)
+    apt.update()
+    debs = apt.download_closure(["fio"])
+    key = content_key(RECIPE_VERSION, [d.name for d in debs])
+    tree = cache_dir() / "fio" / key / "tree"
+    with artifact_lock():
+        if not tree.exists():
+            _build_fio_tree(debs, tree)
+    return tree
+
+
+def _build_fio_tree(debs: list[Path], tree: Path) -> None:
+    _require("readelf", "binutils")
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tree.parent) as tmp:
+        unpacked = Path(tmp) / "debs"
+        extract(debs, unpacked)
+        staging = Path(tmp) / "tree"
+        lib_dir = staging / FIO_PREFIX / "lib"
+        lib_dir.mkdir(parents=True)
+        shutil.copyfile(unpacked / "usr/bin/fio", staging / FIO_PREFIX / "fio")
+        (staging / FIO_PREFIX / "fio").chmod(0o755)
+        for name, path in elf_closure(unpacked / "usr/bin/fio", unpacked).items():
+            shutil.copyfile(path, lib_dir / name)
+        shutil.copyfile(unpacked / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", lib_dir / "ld.so")
+        (lib_dir / "ld.so").chmod(0o755)
+        wrapper = staging / "usr" / "local" / "bin" / "fio"
+        wrapper.parent.mkdir(parents=True)
+        wrapper.write_text(f"#!/bin/sh\nexec /{FIO_PREFIX}/lib/ld.so --library-path /{FIO_PREFIX}/lib "
+                           f"/{FIO_PREFIX}/fio \"$@\"\n")
+        wrapper.chmod(0o755)
+        staging.rename(tree)
+
+
+def elf_closure(binary: Path, root: Path) -> dict[str, Path]:
+    """soname -> file under ``root`` for every library ``binary`` needs, transitively."""
+    search = [root / d for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")]
+    search += [p for d in search if d.is_dir() for p in d.iterdir() if p.is_dir()]  # e.g. .../ceph
+    found: dict[str, Path] = {}
+    pending = [binary]
+    while pending:
+        dynamic = subprocess.run(["readelf", "-d", str(pending.pop())], capture_output=True, text=True,
+                                 check=True).stdout
+        for soname in re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic):
+            if soname in found:
+                continue
+            path = next((d / soname for d in search if (d / soname).exists()), None)
+            if path is None:
+                raise UsageError(f"{binary.name} needs {soname}, which no package of its closure ships")
+            found[soname] = path.resolve()
+            pending.append(found[soname])
+    return found
 
 
 # -- L1 userspace --------------------------------------------------------------------------

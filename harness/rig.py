@@ -220,6 +220,7 @@ class Rig:
         self.ports = {"qmp": [free_port(), free_port()], "console": [free_port(), free_port()]}
         self.timings: dict[str, float] = {}
         self.extra_cmdline: list[str] = []  # L1 kernel parameters a restart mode needs (luo: kho=on ...)
+        self.l1_tsc_khz: int | None = None  # under TCG: L1's first TSC calibration, kept for every kexec
 
     def _device(self, name: str) -> PassthroughDevice:
         if name not in DEVICE_CLASSES:
@@ -237,6 +238,18 @@ class Rig:
             # panic ("timer doesn't work through Interrupt-remapped IO-APIC"): a rig flake, not
             # something a restart did.
             parts.append("no_timer_check")
+            # Also seen under TCG: CPU0's one-shot timer interrupt got lost, CPU0 idled for good
+            # ("rcu_preempt kthread timer wakeup didn't happen ... Possible timer handling issue
+            # on cpu=0") and whatever needed it stalled, such as L2's console. A periodic tick
+            # re-arms itself, so one lost interrupt costs one tick, not the CPU.
+            parts += ["nohz=off", "highres=off"]
+        if self.l1_tsc_khz:
+            # Under TCG the early TSC calibration varies from boot to boot by more than KVM's
+            # 250 ppm tolerance (seen: 2596.147 then 2592.600 MHz). L2's saved TSC rate then no
+            # longer matches and, without TSC scaling, its timers stopped after the reload
+            # ("TSC frequency mismatch"). A real host reads its TSC rate from CPUID; pinning it
+            # here keeps that rig artifact out of the verdict.
+            parts.append(f"tsc_early_khz={self.l1_tsc_khz}")
         if with_memmap:
             parts.append(self.layout.memmap())
         return " ".join(parts + self.extra_cmdline)
@@ -282,8 +295,10 @@ class Rig:
                     raise
                 self.l1.shutdown()
         self.l1.console.sync()
+        if self.accel.name == "tcg":
+            self.l1_tsc_khz = self.tsc_khz()
         return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1)),
-                "failed_attempts": failed}
+                "failed_attempts": failed, "tsc_khz": self.l1_tsc_khz}
 
     @property
     def sh(self):
@@ -293,6 +308,14 @@ class Rig:
     def l1_facts(self) -> dict:
         out = self.sh.check("uname -r; cat /proc/sys/kernel/random/boot_id", step="l1-facts").split("\n")
         return {"release": out[0].strip(), "boot_id": out[1].strip()}
+
+    def tsc_khz(self) -> int | None:
+        """The TSC rate L1's kernel settled on at boot, the one KVM hands to L2 (kHz)."""
+        _, log = self.sh.run("dmesg | grep 'tsc: Detected'")
+        # "Detected N MHz TSC" appears only when the TSC rate differs from the CPU's; it wins.
+        rates = {kind: int(mhz) * 1000 + int(khz)
+                 for mhz, khz, kind in re.findall(r"Detected (\d+)\.(\d{3}) MHz (TSC|processor)", log)}
+        return rates.get("TSC") or rates.get("processor")
 
     def iommu_state(self) -> dict:
         """DMAR and interrupt remapping, from L1's kernel log."""

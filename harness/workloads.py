@@ -11,6 +11,9 @@ build's inputs). They are compiled here, on L0, with our own recipe::
   the save happens, and verifies every byte afterwards. Prints JSON.
 - ``blkcheck`` (L2): the same for an NVMe namespace, with crc32c-tagged blocks and exact I/O
   accounting. Prints JSON.
+- ``fio`` (L2, Debian's, see ``images.fio_tree``): a crc32c-verified data set written before the
+  restart and read back after it, and a verifying random-write job that runs across the restart.
+  Its regions of the NVMe namespace never overlap blkcheck's.
 - ``l1tool`` (L1): digest and flip bytes of a device-DAX node or file through mmap; read or
   clear a PCI function's MSI enable bit. Prints ``key=value`` lines.
 """
@@ -165,3 +168,44 @@ def parse_l1tool(text: str) -> dict[str, int | float | str]:
     if not result:
         raise StepError("parse-l1tool", "l1tool printed no key=value line", {"output": text})
     return result
+
+
+# -- fio -----------------------------------------------------------------------------------
+
+FIO_BS = 4096
+FIO_DATASET_MIB = (64, 16)  # (offset, size): written before the save, verified after the resume
+FIO_ACROSS_MIB = (128, 16)  # random writes with verify backlog, running while L2 is saved and restored
+_FIO_COMMON = f"--bs={FIO_BS} --ioengine=psync --direct=1 --verify=crc32c --output-format=json"
+
+
+def fio_dataset_command(dev: str, output: str, *, verify: bool) -> str:
+    """Write the data set (``verify=False``) or read all of it back and check every block."""
+    offset, size = FIO_DATASET_MIB
+    mode = "--verify_only --continue_on_error=verify" if verify else "--do_verify=0"
+    return (f"fio --name=dataset --filename={dev} --offset={offset}M --size={size}M --rw=write "
+            f"{_FIO_COMMON} {mode} --output={output}")
+
+
+def fio_across_command(dev: str, output: str) -> str:
+    """A writer that re-reads and checks every 32 blocks it wrote, until SIGTERM (the caller
+    runs it in the background)."""
+    offset, size = FIO_ACROSS_MIB
+    return (f"fio --name=across --filename={dev} --offset={offset}M --size={size}M --rw=randwrite "
+            f"--verify_backlog=32 --verify_state_save=0 --rate_iops=100 --time_based --runtime=86400 {_FIO_COMMON} "
+            f"--output={output}")
+
+
+def parse_fio(text: str) -> dict:
+    """The figures the checks use from fio's JSON output (which may follow a line such as
+    "fio: terminating on signal 15"): the job's error, verify errors, I/Os and KiB each way."""
+    start = text.find("{")
+    try:
+        job = json.loads(text[start:])["jobs"][0] if start >= 0 else None
+    except (json.JSONDecodeError, KeyError, IndexError) as exc:
+        raise StepError("parse-fio", f"fio printed no valid JSON: {exc}", {"output": text[-2000:]}) from exc
+    if job is None:
+        raise StepError("parse-fio", "fio printed no JSON", {"output": text[-2000:]})
+    return {"job": job["jobname"], "error": job["error"], "verify_errors": job.get("total_err", 0),
+            "reads": job["read"]["total_ios"], "read_kib": job["read"]["io_kbytes"],
+            "writes": job["write"]["total_ios"], "write_kib": job["write"]["io_kbytes"],
+            "seconds": job["elapsed"]}

@@ -72,6 +72,11 @@
  *   INTx enabled), counted in irq_resume_kicks, logged "IRQ KICK", with one
  *   more timeout; only if it still does not arrive it is lost. A disabled
  *   INTx or MSI (irq-drop) is never kicked.
+ *   The opposite also happens: an interrupt that fired while the kernel had
+ *   device interrupts suspended is re-sent on resume, and uio then counts
+ *   one assertion twice. Extra notifications for the awaited interrupt
+ *   during a wait that a suspend hit are counted in irq_pm_replays (logged
+ *   "PM REPLAY"), not in irq_spurious.
  *
  * Exit codes: start 0 = daemon ready, 2 = setup/usage error.
  *             verify 0 = no DMA mismatch, bme_lost == 0 and
@@ -329,6 +334,7 @@ struct stats {
 	uint64_t gpa_moved;
 	uint64_t corruptions_injected;
 	uint64_t pm_resume_reinits, bme_lost, suspends_seen, intx_masked_seen, pm_retried_transfers;
+	uint64_t irq_pm_replays;
 	uint64_t irq_resume_kicks;
 	struct mismatch first[MAX_FIRST_MISMATCH];
 	int nfirst;
@@ -1224,9 +1230,20 @@ static int wait_irq(uint32_t expect, enum irqkind kind)
 			else
 				g.st.raised_irqs++;
 			if (n > 1) {
-				g.st.irq_spurious += n - 1;
-				logmsg("SPURIOUS: %" PRIu64 " notifications for one expected interrupt 0x%x",
-				       n, expect);
+				/* A level interrupt that fired while device interrupts
+				 * were suspended is re-sent by the PM core on resume
+				 * (IRQS_PENDING): with the line still asserted, uio
+				 * counts it twice. Only across a suspend. */
+				suspend_sample();
+				if (g.pm_epoch != epoch) {
+					g.st.irq_pm_replays += n - 1;
+					logmsg("PM REPLAY: %" PRIu64 " notifications for one expected interrupt "
+					       "0x%x across a system suspend (re-sent on resume)", n, expect);
+				} else {
+					g.st.irq_spurious += n - 1;
+					logmsg("SPURIOUS: %" PRIu64 " notifications for one expected interrupt 0x%x",
+					       n, expect);
+				}
 			}
 			if (status & ~expect) {
 				g.st.irq_status_anomalies++;
@@ -1548,7 +1565,7 @@ static void json_counters(struct sbuf *sb)
 		  ",\"raised_irqs\":%" PRIu64 ",\"gpa_moved\":%" PRIu64 ",\"corruptions_injected\":%" PRIu64 ","
 		  "\"pm_resume_reinits\":%" PRIu64 ",\"bme_lost\":%" PRIu64 ",\"suspends_seen\":%" PRIu64
 		  ",\"intx_masked_seen\":%" PRIu64 ",\"pm_retried_transfers\":%" PRIu64
-		  ",\"irq_resume_kicks\":%" PRIu64 ","
+		  ",\"irq_resume_kicks\":%" PRIu64 ",\"irq_pm_replays\":%" PRIu64 ","
 		  "\"irq_timeout_ms\":%u,\"elapsed_s\":%.3f,\"transfers_per_s\":%.3f,\"irqs_per_s\":%.3f",
 		  g.bdf, backend_name(g.backend), g.irq == IRQ_MSI ? "msi" : "intx", g.size, g.slots,
 		  g.st.transfers, g.st.transfers_started, g.st.transfers_failed,
@@ -1558,7 +1575,7 @@ static void json_counters(struct sbuf *sb)
 		  g.st.irq_status_anomalies, g.st.dma_done_expected, g.st.dma_done_irqs, g.st.raised_expected,
 		  g.st.raised_irqs, g.st.gpa_moved, g.st.corruptions_injected, g.st.pm_resume_reinits,
 		  g.st.bme_lost, g.st.suspends_seen, g.st.intx_masked_seen, g.st.pm_retried_transfers,
-		  g.st.irq_resume_kicks,
+		  g.st.irq_resume_kicks, g.st.irq_pm_replays,
 		  g.irq_timeout_ms, el,
 		  el > 0 ? g.st.transfers / el : 0.0, el > 0 ? g.st.irq_received / el : 0.0);
 	sb_printf(sb, ",\"first_mismatch\":[");

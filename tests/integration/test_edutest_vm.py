@@ -511,15 +511,16 @@ def _report(name: str, res: dict) -> None:
           f"{res['transfers_per_s']:.2f} transfers/s {res['irqs_per_s']:.2f} irqs/s")
 
 
-def _assert_clean(res: dict, rc: int) -> None:
-    assert rc == 0, res
-    assert res["pass"] is True
+def _assert_clean(res: dict, rc: int, log: str = "") -> None:
+    """``log``: edutest's own log, shown when an assertion fails."""
+    assert rc == 0, log or res
+    assert res["pass"] is True, log
     assert res["transfers"] > 0
-    assert res["dma_mismatches"] == 0
+    assert res["dma_mismatches"] == 0, log
     assert res["irq_expected"] == res["irq_received"] > 0
-    assert res["irq_lost"] == 0
-    assert res["irq_spurious"] == 0
-    assert res["bme_lost"] == 0
+    assert res["irq_lost"] == 0, log
+    assert res["irq_spurious"] == 0, log
+    assert res["bme_lost"] == 0, log
     assert res["dma_done_irqs"] > 0 and res["raised_irqs"] > 0
     assert res["final_checked"] == min(res["transfers"], res["slots"])
 
@@ -547,7 +548,7 @@ class TestVfio:
         e.wait("transfers", 20)
         rc, res = e.verify()
         _report(f"vfio {irq}", res)
-        _assert_clean(res, rc)
+        _assert_clean(res, rc, e.log())
         if slots < res["transfers"]:  # the ring wrapped: each reused slot was re-checked first
             assert res["retire_checks"] == res["transfers"] - slots
 
@@ -624,7 +625,7 @@ class TestVfio:
         rc, res = e.verify()
         _report("vfio msi, hot-unplug", res)
         assert res["stopped_by"] == "vfio-device-request"
-        _assert_clean(res, rc)
+        _assert_clean(res, rc, e.log())
 
 
 @pytest.mark.vm
@@ -641,7 +642,7 @@ class TestUio:
         e.wait("transfers", 8)
         rc, res = e.verify()
         _report("uio intx", res)
-        _assert_clean(res, rc)
+        _assert_clean(res, rc, e.log())
         assert res["gpa_moved"] == 0
 
     def test_msi_refused_clearly(self, uio_vm: GuestVM) -> None:
@@ -774,7 +775,7 @@ class TestUio:
         print("pci_events:", res["pci_events"], "pm_retried_transfers:", res["pm_retried_transfers"],
               "irq_resume_kicks:", res["irq_resume_kicks"])
         assert rc == 0, e.log()
-        _assert_clean(res, rc)
+        _assert_clean(res, rc, e.log())
         assert res["pm_resume_reinits"] >= 1
         assert res["suspends_seen"] >= 1
         assert res["transfers"] >= after_wake["transfers"] + 8
@@ -810,4 +811,4 @@ class TestNoiommu:
         e.wait("transfers", 20)
         rc, res = e.verify()
         _report(f"noiommu {irq}", res)
-        _assert_clean(res, rc)
+        _assert_clean(res, rc, e.log())

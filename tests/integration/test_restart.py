@@ -44,6 +44,9 @@ def test_default_cell_passes_and_is_the_same_guest(tmp_path):
     assert memory["pages_checked"] > 10_000 and memory["writer_writes"] > 0
     dma = result["checks"]["dma"]["evidence"]
     assert dma["edu"]["transfers"] > 0 and dma["nvme"]["blocks_checked"] > 0
+    fio = dma["nvme"]["fio"]
+    assert fio["dataset"]["reads"] == fio["dataset"]["writes"] > 0 and fio["dataset"]["verify_errors"] == 0
+    assert fio["across_exited"] and fio["across"]["writes"] > 0
     irqs = result["checks"]["interrupts"]["evidence"]
     assert irqs["edu"]["irq_expected"] == irqs["edu"]["irq_received"] > 0
     assert irqs["nvme"]["ios_submitted"] == irqs["nvme"]["ios_completed"] > 0
@@ -51,16 +54,18 @@ def test_default_cell_passes_and_is_the_same_guest(tmp_path):
     assert all(result["phases"][p] > 0 for p in ("save", "kexec", "boot", "restore", "resume"))
 
 
-@pytest.mark.parametrize(("fault", "check"), [
-    ("mem-flip", "memory"),
-    ("dma-corrupt", "dma"),
-    ("irq-drop", "interrupts"),
-])
-def test_injected_fault_is_caught_by_its_check_only(tmp_path, fault, check):
-    result = run(tmp_path, inject=fault)
+@pytest.mark.parametrize(("fault", "check", "devices", "caught_by"), [
+    ("mem-flip", "memory", None, "bad page"),
+    ("dma-corrupt", "dma", None, "edu: "),
+    ("dma-corrupt", "dma", ("nvme",), "fio found 3 bad block(s)"),
+    ("irq-drop", "interrupts", None, "edu: "),
+], ids=["mem-flip", "dma-corrupt-edu+nvme", "dma-corrupt-nvme", "irq-drop"])
+def test_injected_fault_is_caught_by_its_check_only(tmp_path, fault, check, devices, caught_by):
+    result = run(tmp_path, inject=fault, **({"devices": devices} if devices else {}))
     assert result["verdict"] == "FAIL", result["reason"] or result["error"]
     verdicts = checks(result)
     assert verdicts[check] == "FAIL", result["checks"][check]
+    assert caught_by in result["checks"][check]["reason"]
     others = {name: state for name, state in verdicts.items() if name != check}
     assert set(others.values()) == {"PASS"}, others
 

@@ -193,6 +193,9 @@ def test_unknown_fault_and_fault_without_its_device():
         faults.check_fault("cosmic-ray", ["edu"])
     with pytest.raises(UsageError, match="edu"):
         faults.check_fault("irq-drop", ["nvme"])
+    with pytest.raises(UsageError, match="edu or nvme"):
+        faults.check_fault("dma-corrupt", [])
+    faults.check_fault("dma-corrupt", ["nvme"])  # fio's data set is the target
 
 
 # -- verdicts and log scanners --------------------------------------------------------------------
@@ -317,3 +320,30 @@ def test_hotplug_segments_combine_into_one_verdict():
     assert combined["verdict"] == "FAIL" and combined["reason"].startswith("after re-plug: edu")
     assert set(combined["evidence"]) == {"before unplug", "after re-plug"}
     assert checks._combine([("before unplug", good), ("after re-plug", good)])["verdict"] == "PASS"
+
+
+# -- Debian closures -------------------------------------------------------------------------------
+
+def test_a_closure_is_what_apt_would_install_not_the_whole_archive_cache(tmp_path, monkeypatch):
+    """The cache also holds kernels, other closures and superseded versions: none of them may
+    leak into an image (or into its cache key)."""
+    from harness.debian import AptRoot
+
+    apt = AptRoot("trixie", root=tmp_path)
+    simulated = ("NOTE: This is only a simulation!\n"
+                 "Inst gcc-14-base (14.2.0-19 Debian:13.8/stable [amd64])\n"
+                 "Inst libc6 (2.41-12+deb13u5 Debian:13.8/stable [amd64]) []\n"
+                 "Inst qemu-system-x86 (1:10.0.6+ds-0+deb13u2 Debian:13.8/stable [amd64])\n"
+                 "Inst fio-examples (3.39-1 Debian:13.8/stable [all])\n"
+                 "Conf libc6 (2.41-12+deb13u5 Debian:13.8/stable [amd64])\n")
+    monkeypatch.setattr(apt, "_apt", lambda *args, **kw: simulated if "-s" in args else "")
+    wanted = ["fio-examples_3.39-1_all.deb", "gcc-14-base_14.2.0-19_amd64.deb",
+              "libc6_2.41-12+deb13u5_amd64.deb", "qemu-system-x86_1%3a10.0.6+ds-0+deb13u2_amd64.deb"]
+    assert apt.closure(["qemu-system-x86"]) == wanted
+    apt.archives.mkdir(parents=True)
+    for name in [*wanted, "linux-image-6.12.118+deb13-amd64_6.12.118-1_amd64.deb", "libc6_2.41-12_amd64.deb"]:
+        (apt.archives / name).touch()
+    assert [deb.name for deb in apt.download_closure(["qemu-system-x86"])] == wanted
+    (apt.archives / wanted[0]).unlink()
+    with pytest.raises(UsageError, match="fio-examples"):
+        apt.download_closure(["qemu-system-x86"])
