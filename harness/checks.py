@@ -255,11 +255,21 @@ class Workloads:
             findings.setdefault("interrupts", {})["L1 DMAR faults at verify"] = l1_faults
         results["memory"] = memory_verdict(mem, findings.get("memory", {}))
         problems = l2_log_problems(dmesg)
-        results["dma"] = _combine([(label, dma_verdict(edu, blk)) for label, edu, blk in segments])
+        results["dma"] = with_l1_findings(_combine([(label, dma_verdict(edu, blk)) for label, edu, blk in segments]),
+                                          findings.get("dma", {}))
         l1_findings = findings.get("interrupts", {})
         results["interrupts"] = _combine([(label, interrupts_verdict(edu, blk, problems, l1_findings))
                                           for label, edu, blk in segments])
         return results
+
+
+def with_l1_findings(result: dict, l1_findings: dict) -> dict:
+    """What L1 saw happen to the devices (e.g. Bus Master cleared) fails the check, named."""
+    if not l1_findings or result["verdict"] == "UNSUPPORTED":
+        return result
+    reasons = [result["reason"]] if result.get("reason") else []
+    return {**result, "verdict": "FAIL", "reason": "; ".join([*reasons, *l1_findings.values()]),
+            "evidence": {**result["evidence"], "l1": l1_findings}}
 
 
 def _combine(segments: list[tuple[str, dict]]) -> dict:

@@ -12,6 +12,7 @@ import itertools
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +21,7 @@ import pexpect.fdpexpect
 
 from .errors import ConsoleTimeout, GuestPanic, StepError
 
+WATCHDOG_S = 10
 PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*|Attempted to kill init[^\r\n]*")
 
 
@@ -36,6 +38,9 @@ class Console:
                                                encoding="utf-8", codec_errors="replace")
         self.child.logfile_read = _TextTee(log)
         self.history: list[tuple[float, float, int, str]] = []  # (start, seconds, rc, command)
+        # Asked every WATCHDOG_S during a long wait why waiting is pointless (e.g. the VM stopped
+        # its guest); a non-empty answer ends the wait at once.
+        self.watchdog: Callable[[], str] | None = None
 
     # -- waiting -------------------------------------------------------------------------
     def expect(self, ok: str | list[str], fail: str | list[str] | None = None,
@@ -45,7 +50,16 @@ class Console:
         fails = [] if fail is None else [fail] if isinstance(fail, str) else list(fail)
         patterns = [re.compile(p) for p in oks] + [re.compile(p) for p in fails] + [
             PANIC, pexpect.EOF, pexpect.TIMEOUT]
-        index = self.child.expect(patterns, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(deadline - time.monotonic(), 0)
+            index = self.child.expect(patterns, timeout=min(remaining, WATCHDOG_S) if self.watchdog else remaining)
+            if patterns[index] is not pexpect.TIMEOUT or not self.watchdog or time.monotonic() >= deadline:
+                break
+            why = self.watchdog()
+            if why:
+                raise ConsoleTimeout(f"{self.name}: stopped waiting for {oks} (step {step}): {why}\n"
+                                     f"console tail:\n{self.tail()}")
         if index < len(oks):
             return self.child.match
         if index < len(oks) + len(fails):

@@ -12,6 +12,16 @@ class FastRestartError(Exception):
     exit_code = 3
 
 
+class CheckFailed(FastRestartError):
+    """A check failed in a way that ends the run (e.g. guest RAM lost): a FAIL, not an ERROR."""
+
+    exit_code = 1
+
+    def __init__(self, check: str, message: str, evidence: dict):
+        super().__init__(message)
+        self.check, self.evidence = check, evidence
+
+
 class UsageError(FastRestartError):
     """The user asked for something that cannot be: bad spec, missing tool, impossible layout.
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checks, faults
-from .errors import ConsoleTimeout, FastRestartError, StepError
-from .guest import L2
+from .errors import CheckFailed, ConsoleTimeout, FastRestartError, StepError
+from .guest import DEAD_RUNSTATES, L2
 from .modes import Mode
 from .probes import QemuCaps
 from .rig import BOOT_DEADLINE_S, READY_L1, Rig
 
+PCI_COMMAND_BITS = {"I/O Space": 0x1, "Memory Space": 0x2, "Bus Master": 0x4}
 PHASES = ["prepare", "save", "record", "kexec", "boot", "reserve", "enumerate", "reload", "restore",
           "resume", "verify"]
 REMAPPED_IOMMU = ["Translation was enabled", "not in kdump mode", "Copied translation tables",
@@ -36,16 +37,6 @@ class FlowOptions:
     mem_check_mib: int | None = None
     l1_digest: bool = True
     host_restart: str = "kexec"  # kexec | firmware: how L1 restarts (a firmware reboot is the slow baseline)
-
-
-class CheckFailed(FastRestartError):
-    """A check failed in a way that ends the run (e.g. guest RAM lost): a FAIL, not an ERROR."""
-
-    exit_code = 1
-
-    def __init__(self, check: str, message: str, evidence: dict):
-        super().__init__(message)
-        self.check, self.evidence = check, evidence
 
 
 def step(name: str) -> Callable:
@@ -105,6 +96,7 @@ class Flow:
         self.workloads: checks.Workloads | None = None
         self.readings: dict = {}
         self.findings: dict[str, dict] = {}
+        self.pci_commands_before: dict[str, int] = {}
         self.mode_state: dict = {}  # what the mode keeps between its steps (luo: the helper's fds)
         # A mode may need L1 kernel parameters on every boot, and its own home for L2's RAM.
         rig.extra_cmdline = list(mode.kernel_cmdline)
@@ -170,11 +162,16 @@ class Flow:
             status = self.l2.qmp.cmd("query-status", step="liveness", timeout=10)["status"]
         except StepError:
             status = "unknown (QMP gone)"
-        if status in ("internal-error", "guest-panicked", "shutdown", "io-error") or status.startswith("unknown"):
+        if status in DEAD_RUNSTATES or status.startswith("unknown"):
             # The lines that say what happened, not the register dump QEMU prints after them.
             _, qemu_log = self.rig.sh.run(f"grep -iE 'error|fail|warning' {self.l2.log_path} | tail -5 | cut -c1-300")
-            raise CheckFailed("liveness", f"L2 stopped after the restart: its QEMU reports runstate {status}",
-                              {"console": str(exc)[:500], "l2 qemu log": qemu_log}) from exc
+            # What L1 saw happen to the devices meanwhile is often the cause: say it here, since
+            # the checks that would report it can no longer run.
+            seen_in_l1 = [finding for found in self.findings.values() for finding in found.values()
+                          if isinstance(finding, str)]
+            reason = "; ".join([f"L2 stopped after the restart: its QEMU reports runstate {status}", *seen_in_l1])
+            evidence = {"console": str(exc)[:500], "l2 qemu log": qemu_log, "l1 findings": self.findings}
+            raise CheckFailed("liveness", reason, evidence) from exc
 
     def unplug_vfio(self) -> list[str]:
         names = []
@@ -258,6 +255,8 @@ class Flow:
     @step("save")
     def save(self) -> dict:
         self.readings["before"] = checks.liveness_reading(self.l2, self.rig)
+        if self.devices_stay_attached:
+            self.pci_commands_before = self.rig.pci_commands()
         self.stop_marker = len(self.l2.qmp.events)
         self.stop_qmp = self.l2.qmp
         facts = self.mode.save(self)
@@ -371,8 +370,31 @@ class Flow:
         injected = faults.inject_before_restore(self)
         facts = self.mode.restore(self)
         facts.update(injected)
+        if self.devices_stay_attached:
+            facts["pci_command"] = self.watch_pci_commands()
         self.restore_observed_at = time.time()
         return facts
+
+    @property
+    def devices_stay_attached(self) -> bool:
+        """The host keeps running (cpr-transfer): nothing may touch the devices' setup meanwhile."""
+        return bool(self.rig.devices) and not self.mode.restarts_host
+
+    def watch_pci_commands(self) -> dict:
+        """A new QEMU that takes over must not touch the physical function: Memory Space or Bus
+        Master Enable cleared behind the guest's back stops its DMA and makes its BAR accesses
+        fault ("kvm run failed Bad address"). Seen with QEMU 11.1's cpr-transfer."""
+        after = self.rig.pci_commands()
+        evidence = {}
+        for name, before in self.pci_commands_before.items():
+            lost = [bit for bit, mask in PCI_COMMAND_BITS.items() if before & mask and not after[name] & mask]
+            evidence[name] = {"before_save": f"{before:#06x}", "after_restore": f"{after[name]:#06x}", "cleared": lost}
+            if lost:
+                bits = " and ".join([", ".join(lost[:-1]), lost[-1]] if len(lost) > 1 else lost)
+                self.findings.setdefault("dma", {})[f"cycle {self.cycle} {name}"] = (
+                    f"{name}'s PCI Command register in L1 lost {bits} during the restore "
+                    f"({before:#06x} -> {after[name]:#06x})")
+        return evidence
 
     @step("resume")
     def resume(self) -> dict:

@@ -8,6 +8,7 @@ the old one still holds the first set.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -108,6 +109,9 @@ class L2Spec:
         return args
 
 
+DEAD_RUNSTATES = ("internal-error", "guest-panicked", "shutdown", "io-error")
+
+
 class L2:
     """A running (or about to run) L2 QEMU generation: its PID in L1, console and QMP from L0."""
 
@@ -122,21 +126,34 @@ class L2:
         self.log_path = ""
         self.console_reconnects = 0
 
-    def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60) -> None:
+    def connect(self, l0_console_port: int, l0_qmp_port: int, timeout: float = 60,
+                give_up: Callable[[], str] | None = None) -> None:
         sock = connect_tcp(l0_console_port, timeout)
         self.console = Console(f"l2[{self.generation}]", sock, self.log)
-        self.connect_qmp(l0_qmp_port, timeout)
+        self.console.watchdog = self.stopped_guest
+        self.connect_qmp(l0_qmp_port, timeout, give_up)
 
     def reconnect_console(self, l0_console_port: int, timeout: float = 60) -> None:
         """A fresh connection to the same console chardev (what the guest wrote meanwhile is lost)."""
         self.console.close()
         self.log.write(b"\n[fastrestart: the console stream stalled; reconnected]\n")
         self.console = Console(f"l2[{self.generation}]", connect_tcp(l0_console_port, timeout), self.log)
+        self.console.watchdog = self.stopped_guest
 
-    def connect_qmp(self, l0_qmp_port: int, timeout: float = 60) -> None:
+    def stopped_guest(self) -> str:
+        """Why this guest will never answer again, if its QEMU says so ('' otherwise)."""
+        if self.qmp is None:
+            return ""
+        try:
+            status = self.qmp.cmd("query-status", step="watchdog", timeout=10)["status"]
+        except StepError:
+            return ""  # QMP busy or gone: the caller's deadline decides
+        return f"its QEMU reports runstate {status}" if status in DEAD_RUNSTATES else ""
+
+    def connect_qmp(self, l0_qmp_port: int, timeout: float = 60, give_up: Callable[[], str] | None = None) -> None:
         self.qmp = Qmp(("127.0.0.1", l0_qmp_port), self.run_dir / "qmp-transcript.jsonl",
                        name=f"l2[{self.generation}]-qmp")
-        self.qmp.connect(timeout)
+        self.qmp.connect(timeout, give_up)
 
     def close(self) -> None:
         if self.qmp:

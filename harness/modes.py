@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from .errors import StepError, Unsupported
+from .errors import CheckFailed, StepError, Unsupported
 from .guest import L2, STATE_DIR
 from .probes import LUO_KERNEL_OPTIONS, LUO_PASSTHROUGH_OPTIONS, VFIO_CPR_SINCE, QemuCaps
 from .workloads import parse_l1tool
@@ -331,8 +331,6 @@ class Luo(Mode):
                 "state_lives_in": f"memfd {state} (LUO token 2)"}
 
     def reserve(self, flow):
-        from .flow import CheckFailed  # flow imports modes
-
         sh = flow.rig.sh
         _, log = sh.run("dmesg | grep -iE 'KHO|luo|liveupdate' | head -40")
         lines = [line.strip() for line in log.splitlines() if line.strip()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .errors import StepError
+
+GIVE_UP_POLL_S = 5
 
 
 @dataclass
@@ -50,11 +53,21 @@ class Qmp:
             out.write(json.dumps({"t": round(time.time(), 6), "link": self.name, "dir": direction,
                                   "msg": message}, default=str) + "\n")
 
-    def connect(self, timeout: float = 30) -> None:
-        """Connect and negotiate, retrying while the server comes up (or a forwarder bounces us)."""
+    def connect(self, timeout: float = 30, give_up: Callable[[], str] | None = None) -> None:
+        """Connect and negotiate, retrying while the server comes up (or a forwarder bounces us).
+
+        ``give_up`` is asked every few seconds why waiting is pointless (e.g. QEMU died); a
+        non-empty answer ends the wait at once.
+        """
         deadline = time.monotonic() + timeout
         last: Exception | None = None
+        next_ask = time.monotonic() + GIVE_UP_POLL_S
         while time.monotonic() < deadline:
+            if give_up is not None and time.monotonic() >= next_ask:
+                next_ask = time.monotonic() + GIVE_UP_POLL_S
+                why = give_up()
+                if why:
+                    raise StepError("qmp", f"{self.name}: gave up connecting: {why}", {"last error": repr(last)})
             qmp = _Monitor(self.address)
             try:
                 qmp.connect(negotiate=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import accel as accel_mod
 from . import guest, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
-from .errors import ConsoleTimeout, GuestPanic, StepError, UsageError
+from .errors import CheckFailed, ConsoleTimeout, GuestPanic, StepError, UsageError
 from .guest import (
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
@@ -44,6 +44,7 @@ READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
 BOOT_DEADLINE_S = 300
 L1_FIRST_BOOT_ATTEMPTS = 2
 NO_USERSPACE = r"fastrestart-l1: no userspace disk"
+L2_QEMU_FATAL = r"kvm run failed|Aborted|core dumped|Assertion|Segmentation fault"
 CONSOLE_STALL_S = 120  # no READY by then while QEMU runs: the console stream may have stalled
 
 
@@ -317,6 +318,13 @@ class Rig:
                  for mhz, khz, kind in re.findall(r"Detected (\d+)\.(\d{3}) MHz (TSC|processor)", log)}
         return rates.get("TSC") or rates.get("processor")
 
+    def pci_commands(self) -> dict[str, int]:
+        """Each assigned device's PCI Command register, as L1 (the host) sees the function."""
+        script = "; ".join(f"dd if=/sys/bus/pci/devices/{d.l1_bdf}/config bs=1 skip=4 count=2 2>/dev/null | od -An -tu2"
+                           for d in self.devices)
+        values = self.sh.check(script, step="pci-command").split()
+        return {d.name: int(v) for d, v in zip(self.devices, values, strict=True)}
+
     def iommu_state(self) -> dict:
         """DMAR and interrupt remapping, from L1's kernel log."""
         _, log = self.sh.run("dmesg | grep -iE 'DMAR|IOMMU|remapping' | head -40")
@@ -465,15 +473,27 @@ class Rig:
         if wait_listening:
             self.sh.run(guest.wait_listening(L1_CONSOLE_PORTS[l2.ports], timeout), timeout=timeout + 30)
         try:
-            l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout)
+            l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout,
+                       give_up=lambda: self.l2_qemu_fatal(l2))
         except Exception as exc:
-            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}",
-                            {"l2 qemu log": self.sh.run(f"tail -20 {l2.log_path}")[1],
-                             "alive": self.l2_qemu_alive(l2.pid)}) from exc
+            fatal = self.l2_qemu_fatal(l2)
+            evidence = {"l2 qemu log": self.sh.run(f"tail -20 {l2.log_path}")[1], "alive": self.l2_qemu_alive(l2.pid)}
+            if fatal and l2.generation > 0:
+                # After a restart, a QEMU that stops its guest is what the run found, not a rig fault.
+                raise CheckFailed("liveness", f"L2's new QEMU stopped the guest as it took over: {fatal}",
+                                  evidence) from exc
+            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}", evidence) from exc
         self.l2_consoles.append(l2.console)
 
     def l2_qemu_alive(self, pid: int) -> bool:
         return self.sh.run(f"kill -0 {pid}")[0] == 0
+
+    def l2_qemu_fatal(self, l2: L2) -> str:
+        """What an L2 QEMU's log says killed its guest or itself ('' when nothing did)."""
+        _, lines = self.sh.run(f"grep -E '{L2_QEMU_FATAL}' {l2.log_path} | head -3 | cut -c1-300", timeout=20)
+        if lines.strip():
+            return "; ".join(lines.split("\n"))
+        return "" if self.l2_qemu_alive(l2.pid) else "the QEMU process exited"
 
     def collect_l1_logs(self) -> None:
         """Copy L2 QEMU's stderr logs (kept on the state region) from L1 into the run directory."""

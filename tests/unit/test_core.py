@@ -297,6 +297,25 @@ def test_console_panic_fails_at_once(tmp_path):
         Console("fake", ours, log).run("true", timeout=20)
 
 
+def test_a_long_wait_ends_when_the_watchdog_says_the_guest_is_gone(tmp_path, monkeypatch):
+    import time
+
+    from harness import console as console_mod
+    from harness.errors import ConsoleTimeout
+
+    monkeypatch.setattr(console_mod, "WATCHDOG_S", 0.2)
+    ours, theirs = socket.socketpair()  # nothing ever answers
+    answers = iter(["", "", "its QEMU reports runstate internal-error"])
+    with (tmp_path / "log").open("wb") as log:
+        silent = Console("fake", ours, log)
+        silent.watchdog = lambda: next(answers)
+        started = time.monotonic()
+        with pytest.raises(ConsoleTimeout, match="runstate internal-error"):
+            silent.run("memcheck verify", timeout=300)
+    assert time.monotonic() - started < 5  # three watchdog slices, not the 300 s deadline
+    theirs.close()
+
+
 # -- command line -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [
@@ -347,3 +366,15 @@ def test_a_closure_is_what_apt_would_install_not_the_whole_archive_cache(tmp_pat
     (apt.archives / wanted[0]).unlink()
     with pytest.raises(UsageError, match="fio-examples"):
         apt.download_closure(["qemu-system-x86"])
+
+
+def test_a_device_setup_lost_in_l1_fails_the_dma_check_and_says_where():
+    passing = checks.verdict("PASS", {"edu": {"transfers": 9}})
+    assert checks.with_l1_findings(passing, {}) is passing
+    finding = {"cycle 1 edu": "edu's PCI Command register in L1 lost Memory Space and Bus Master during the "
+                              "restore (0x0107 -> 0x0100)"}
+    failed = checks.with_l1_findings(passing, finding)
+    assert failed["verdict"] == "FAIL" and "lost Memory Space and Bus Master" in failed["reason"]
+    assert failed["evidence"]["edu"] == {"transfers": 9} and failed["evidence"]["l1"] == finding
+    unsupported = checks.verdict("UNSUPPORTED", reason="no DMA-capable device is assigned (--devices)")
+    assert checks.with_l1_findings(unsupported, finding) is unsupported
