@@ -399,7 +399,11 @@ class Flow:
     @step("resume")
     def resume(self) -> dict:
         since = 0 if not self.mode.restarts_host else len(self.l2.qmp.events)
-        facts = self.mode.resume(self)
+        try:
+            facts = self.mode.resume(self)
+        except StepError as exc:  # e.g. `cont` refused: "Resetting the Virtual Machine is required"
+            self.fail_if_guest_died(exc)
+            raise
         # A guest that was already running when L0 connected (cpr-transfer's autostart) sends no
         # RESUME that L0 could still see: waiting for one only costs 10 s of wall time.
         wait = 0 if facts.get("resumed_with") == "autostart" else 10
