@@ -342,7 +342,7 @@ def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str
     problems = []
     if edu is not None:
         evidence["edu"] = {k: edu.get(k) for k in ("irq", "irq_expected", "irq_received", "irq_lost",
-                                                   "irq_spurious", "dma_done_irqs", "raised_irqs")}
+                                                   "irq_spurious", "irq_pm_replays", "dma_done_irqs", "raised_irqs")}
         if not edu.get("irq_expected"):
             problems.append("edu raised no interrupt")
         elif edu.get("irq_expected") != edu.get("irq_received"):
