@@ -4,8 +4,8 @@
   Kept small on purpose: kexec's purgatory hashes every loaded byte, which is slow under TCG.
 - L1 userspace disk: QEMU of a chosen Debian suite plus kexec-tools, ndctl and e2fsprogs, as an
   ext4 image mounted read-only in L1.
-- L2 initramfs: busybox, the guest workloads, fio (Debian's, with its libraries) and
-  ``guests/l2/init``.
+- L2 initramfs: busybox, the guest workloads, ``guests/l2/init`` and, when NVMe is assigned,
+  fio (Debian's, with its libraries).
 - Boot disk: per run, the kernels and initramfs images L1 needs to kexec and to start L2.
 """
 
@@ -40,6 +40,9 @@ L2_WORKLOADS = ["memcheck", "edutest", "blkcheck"]
 L1_TOOLS = ["l1tool"]
 FIO_SUITE = "trixie"
 FIO_PREFIX = Path("opt/fio")  # in L2: the binary, its libraries and the loader that runs it
+# What fio costs L2 while it boots: the initramfs image and its unpacked copy (57 MiB each) and the
+# kernel. Below L2_MIN_MIB_WITH_FIO, L2 cannot unpack its root ("VFS: Unable to mount root fs").
+L2_MIN_MIB_WITH_FIO = 192
 
 
 def _require(tool: str, package: str) -> None:
@@ -187,10 +190,11 @@ def l1_initramfs(kernel: Kernel) -> Path:
     return _initramfs("l1", kernel, L1_MODULES, L1_TOOLS, REPO / "guests" / "l1" / "init")
 
 
-def l2_initramfs(kernel: Kernel) -> Path:
-    """The L2 guest's initramfs for this kernel, with the workloads and fio."""
+def l2_initramfs(kernel: Kernel, with_fio: bool = False) -> Path:
+    """The L2 guest's initramfs for this kernel, with the workloads (and fio, for an NVMe check:
+    57 MiB of L2's RAM, twice while it boots)."""
     return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init",
-                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),))
+                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),) if with_fio else ())
 
 
 # -- fio -----------------------------------------------------------------------------------

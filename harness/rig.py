@@ -134,6 +134,12 @@ class RigConfig:
     firmware: str = "seabios"  # L1's firmware: seabios (QEMU's default) | ovmf (UEFI, Debian's ovmf package)
     state_extra_mib: int = 0  # more room in the state region (the bench copies RAM there on some cycles)
 
+    def __post_init__(self) -> None:
+        if "nvme" in self.devices and self.l2_mem_mib < images.L2_MIN_MIB_WITH_FIO:
+            raise UsageError(f"With nvme assigned, L2 needs at least {images.L2_MIN_MIB_WITH_FIO} MiB (got "
+                             f"{self.l2_mem_mib}): fio, which checks the NVMe data, lives in its initramfs. "
+                             "Use --l2-mem 256M, or --devices edu.")
+
 
 @dataclass
 class Artifacts:
@@ -159,7 +165,8 @@ def prepare_artifacts(config: RigConfig) -> Artifacts:
     initrd_from = images.l1_initramfs(kernel_from)
     initrd_to = images.l1_initramfs(kernel_to) if kernel_to != kernel_from else initrd_from
     return Artifacts(kernel_from, kernel_to, l2_kernel, initrd_from, initrd_to,
-                     images.l2_initramfs(l2_kernel), images.l1_userspace(config.l1_qemu))
+                     images.l2_initramfs(l2_kernel, with_fio="nvme" in config.devices),
+                     images.l1_userspace(config.l1_qemu))
 
 
 L0_AUTO_MIN = (9, 0)
