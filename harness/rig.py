@@ -246,11 +246,6 @@ class Rig:
             # panic ("timer doesn't work through Interrupt-remapped IO-APIC"): a rig flake, not
             # something a restart did.
             parts.append("no_timer_check")
-            # Also seen under TCG: CPU0's one-shot timer interrupt got lost, CPU0 idled for good
-            # ("rcu_preempt kthread timer wakeup didn't happen ... Possible timer handling issue
-            # on cpu=0") and whatever needed it stalled, such as L2's console. A periodic tick
-            # re-arms itself, so one lost interrupt costs one tick, not the CPU.
-            parts += ["nohz=off", "highres=off"]
         if self.l1_tsc_khz:
             # Under TCG the early TSC calibration varies from boot to boot by more than KVM's
             # 250 ppm tolerance (seen: 2596.147 then 2592.600 MHz). L2's saved TSC rate then no
