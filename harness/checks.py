@@ -7,6 +7,7 @@ UNSUPPORTED (with the reason) or NOT_RUN; a check that did not run is never a PA
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -330,7 +331,7 @@ def fio_dma_problems(fio: dict) -> list[str]:
                         f"data set (crc32c)")
     elif dataset.get("reads", 0) * workloads.FIO_BS < workloads.FIO_DATASET_MIB[1] << 20:
         problems.append(f"nvme: fio read back only {dataset.get('reads')} blocks of its data set")
-    if across and (across.get("verify_errors") or across.get("error") == 84):  # EILSEQ: verify failed
+    if across and (across.get("verify_errors") or across.get("error") == errno.EILSEQ):  # fio: verify failed
         problems.append("nvme: fio's writer read back a bad block while running across the restart")
     return problems
 
@@ -358,7 +359,7 @@ def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str
             evidence["nvme"]["fio_across"] = {k: across.get(k) for k in ("writes", "reads", "error", "seconds")}
             if not fio.get("across_exited"):
                 problems.append("nvme: fio's writer did not exit on SIGTERM within 60 s (an I/O never completed)")
-            elif across.get("error") not in (0, 84):  # 84 (a bad block) is the DMA check's
+            elif across.get("error") not in (0, errno.EILSEQ):  # a bad block is the DMA check's
                 problems.append(f"nvme: fio's writer stopped with error {across.get('error')}")
             elif not across.get("writes"):
                 problems.append("nvme: fio's writer completed no I/O across the restart")
