@@ -78,6 +78,18 @@ def liveness_reading(l2: L2, rig: Rig) -> dict:
             "uptime": float(out[2]), "qemu_pid": l2.pid, "l1_boot_id": rig.l1_facts()["boot_id"]}
 
 
+def require_counting(earlier: dict | None, now: dict) -> None:
+    """Before a save, L2's counter must have moved since an earlier reading. If it has not, the
+    guest's timers are not running (seen under a loaded TCG L1) and a liveness FAIL after the
+    restart would blame the restart for it: that is the rig's ERROR, before anything is tested."""
+    if earlier is None or now["l0_time"] - earlier["l0_time"] < 1 or now["boot_id"] != earlier["boot_id"]:
+        return
+    if now["counter"] <= earlier["counter"]:
+        raise StepError("save", f"L2's counter has not moved for {now['l0_time'] - earlier['l0_time']:.1f} s "
+                                f"before the save (still {now['counter']}): the guest's timers are not running",
+                        {"earlier": earlier, "now": now})
+
+
 def liveness(before: dict, after: dict, l2: L2, rig: Rig) -> dict:
     """Same guest (boot_id), still alive (counter carries on and keeps counting), no reboot."""
     time.sleep(0.5)

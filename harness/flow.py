@@ -242,6 +242,7 @@ class Flow:
         mark("vfio")
         self.start_l2()
         mark("l2_boot")
+        self.readings["last"] = checks.liveness_reading(self.l2, self.rig)
         self.workloads = checks.Workloads(self.rig, self.options.mem_check_mib)
         self.workloads.start(self.l2)
         if self.options.inject == "dma-corrupt" and "edu" in self.workloads.devices:
@@ -255,6 +256,7 @@ class Flow:
     @step("save")
     def save(self) -> dict:
         self.readings["before"] = checks.liveness_reading(self.l2, self.rig)
+        checks.require_counting(self.readings.get("last"), self.readings["before"])
         if self.devices_stay_attached:
             self.pci_commands_before = self.rig.pci_commands()
         self.stop_marker = len(self.l2.qmp.events)
@@ -427,6 +429,7 @@ class Flow:
     def end_cycle(self) -> None:
         liveness = checks.liveness(self.readings["before"], self.readings["after"], self.l2, self.rig)
         self.cycle_record["liveness"] = liveness
+        self.readings["last"] = self.readings["after"]
         self.cycle_record["downtime_s"] = {
             "qmp": self.cycle_record["evidence"]["resume"]["downtime_qmp_s"],
             "guest": liveness["evidence"].get("guest_clock_lag_s")}

@@ -379,3 +379,12 @@ def test_a_device_setup_lost_in_l1_fails_the_dma_check_and_says_where():
     assert failed["evidence"]["edu"] == {"transfers": 9} and failed["evidence"]["l1"] == finding
     unsupported = checks.verdict("UNSUPPORTED", reason="no DMA-capable device is assigned (--devices)")
     assert checks.with_l1_findings(unsupported, finding) is unsupported
+
+
+def test_a_counter_stuck_before_the_save_is_the_rigs_error_not_the_restarts_fail():
+    earlier = {"l0_time": 100.0, "counter": 1, "boot_id": "b"}
+    checks.require_counting(None, earlier)
+    checks.require_counting(earlier, {"l0_time": 100.5, "counter": 1, "boot_id": "b"})  # too soon to tell
+    checks.require_counting(earlier, {"l0_time": 103.0, "counter": 9, "boot_id": "b"})
+    with pytest.raises(StepError, match="has not moved for 3.0 s before the save"):
+        checks.require_counting(earlier, {"l0_time": 103.0, "counter": 1, "boot_id": "b"})
