@@ -386,5 +386,5 @@ def test_a_counter_stuck_before_the_save_is_the_rigs_error_not_the_restarts_fail
     checks.require_counting(None, earlier)
     checks.require_counting(earlier, {"l0_time": 100.5, "counter": 1, "boot_id": "b"})  # too soon to tell
     checks.require_counting(earlier, {"l0_time": 103.0, "counter": 9, "boot_id": "b"})
-    with pytest.raises(StepError, match="has not moved for 3.0 s before the save"):
+    with pytest.raises(StepError, match=r"has not moved for 3\.0 s before the save"):
         checks.require_counting(earlier, {"l0_time": 103.0, "counter": 1, "boot_id": "b"})
