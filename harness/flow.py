@@ -221,7 +221,7 @@ class Flow:
     @step("prepare")
     def prepare(self) -> dict:
         boot = self.rig.boot_l1()
-        facts = {**self.rig.l1_facts(), "tsc_khz": self.rig.tsc_khz()}
+        facts = {**self.rig.l1_facts(), "tsc_khz": boot["tsc_khz"]}
         self.l1_boot_ids.append(facts["boot_id"])
         self.l1_releases.append(facts["release"])
         iommu = self.rig.iommu_state()

@@ -298,10 +298,11 @@ class Rig:
                     raise
                 self.l1.shutdown()
         self.l1.console.sync()
+        tsc_khz = self.tsc_khz()
         if self.accel.name == "tcg":
-            self.l1_tsc_khz = self.tsc_khz()
+            self.l1_tsc_khz = tsc_khz
         return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1)),
-                "failed_attempts": failed, "tsc_khz": self.l1_tsc_khz}
+                "failed_attempts": failed, "tsc_khz": tsc_khz}
 
     @property
     def sh(self):
