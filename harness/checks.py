@@ -170,8 +170,7 @@ class Workloads:
         edu_dir, blk_dir = self._dirs()
         l2.console.check(f"mkdir -p {edu_dir} {blk_dir}", step=step)
         if "edu" in self.devices:
-            # With its own vIOMMU, L2 drives edu through vfio-pci and MSI; without, uio and INTx.
-            irq = "msi" if self.rig.config.l2_iommu else "intx"
+            irq = self.rig.artifacts.edu_irq
             rc, ready = self._json(l2, f"edutest start --bdf {self.devices['edu']} --dir {edu_dir} --irq {irq}",
                                    step, timeout=120)
             if rc != 0:
@@ -244,6 +243,8 @@ class Workloads:
         edu = blk = None
         if "edu" in self.ready:
             _, edu = self._json(l2, f"edutest verify --dir {edu_dir} --timeout 60", step)
+            if self.rig.artifacts.edu_irq_why:
+                edu["msi_unavailable"] = self.rig.artifacts.edu_irq_why
         if "nvme" in self.ready:
             _, blk = self._json(l2, f"blkcheck verify --dir {blk_dir} --timeout 120", step)
             blk["fio"] = self._verify_fio(l2, blk_dir, step)
@@ -356,6 +357,8 @@ def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str
     if edu is not None:
         evidence["edu"] = {k: edu.get(k) for k in ("irq", "irq_expected", "irq_received", "irq_lost",
                                                    "irq_spurious", "irq_pm_replays", "dma_done_irqs", "raised_irqs")}
+        if "msi_unavailable" in edu:  # auto fell back to INTx: say why MSI was not counted
+            evidence["edu"]["msi_unavailable"] = edu["msi_unavailable"]
         if not edu.get("irq_expected"):
             problems.append("edu raised no interrupt")
         elif edu.get("irq_expected") != edu.get("irq_received"):

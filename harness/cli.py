@@ -56,14 +56,17 @@ def _cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
     parser.add_argument("--ram-backend", default="auto", choices=["auto", "devdax", "fsdax"])
     parser.add_argument("--l2-iommu", action="store_true",
-                        help="give L2 an intel-iommu: edu then runs on vfio-pci in L2 with MSI (default: INTx via uio)")
+                        help="give L2 an intel-iommu: edu then runs on vfio-pci in L2")
+    parser.add_argument("--edu-irq", default="auto", choices=["auto", "msi", "intx"],
+                        help="edu's interrupts in L2 (default auto: MSI through our edu_uio module, built for "
+                             "the L2 kernel; INTx through uio_pci_generic if it cannot be built)")
 
 
 def _cell_from(args: argparse.Namespace, **extra) -> Cell:
     devices = tuple(d for d in args.devices.split(",") if d and d != "none")
     return Cell(kernel=args.kernel, to_kernel=args.to_kernel, l2_kernel=args.l2_kernel, l1_qemu=args.l1_qemu,
                 l0_qemu=args.l0_qemu, accel=args.accel, devices=devices, l2_mem=args.l2_mem,
-                ram_backend=args.ram_backend, l2_iommu=args.l2_iommu, **extra)
+                ram_backend=args.ram_backend, l2_iommu=args.l2_iommu, edu_irq=args.edu_irq, **extra)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -97,9 +97,13 @@ def module_closure(kernel: Kernel, wanted: list[str]) -> tuple[list[str], list[s
     return sorted(files), [m for m in wanted if m in found]
 
 
-def _install_modules(kernel: Kernel, wanted: list[str], root: Path) -> list[str]:
+def _install_modules(kernel: Kernel, wanted: list[str], root: Path, extra: tuple[Path, ...] = ()) -> list[str]:
+    """``extra``: our own modules built for this kernel (``guestmodules``), installed under extra/."""
     files, loadable = module_closure(kernel, wanted)
     dest = root / "lib" / "modules" / kernel.release
+    for module in extra:
+        (dest / "extra").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(module, dest / "extra" / module.name)
     for rel in files:
         source = kernel.modules_dir / rel
         target = dest / re.sub(r"\.(xz|zst|gz)$", "", rel)
@@ -148,27 +152,30 @@ def _cpio(root: Path, out: Path) -> None:
 
 
 def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
-               scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = ()) -> Path:
-    """``trees``: finished directory trees (each in its own content-keyed cache dir) copied in."""
+               scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = (),
+               extra_modules: tuple[Path, ...] = ()) -> Path:
+    """``trees``: finished directory trees (each in its own content-keyed cache dir) copied in.
+    ``extra_modules``: out-of-tree ``.ko`` files (content-keyed names) loadable by modprobe."""
     sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
     sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
                       BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, [str(t) for t in trees],
-                      files=(init, *sources, *scripts))
+                      [str(m) for m in extra_modules], files=(init, *sources, *scripts))
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"
     with artifact_lock():
         if not out.exists():
-            _build_initramfs(out, kernel, modules, tools, init, scripts, trees)
+            _build_initramfs(out, kernel, modules, tools, init, scripts, trees, extra_modules)
     return out
 
 
 def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[str], init: Path,
-                     scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = ()) -> None:
+                     scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = (),
+                     extra_modules: tuple[Path, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "root"
         _busybox_root(root)
-        loadable = _install_modules(kernel, modules, root)
+        loadable = _install_modules(kernel, modules, root, extra_modules)
         (root / "etc" / "fastrestart" / "modules").write_text("\n".join(loadable) + "\n")
         if tools:
             from . import workloads  # the C workloads are compiled on demand
@@ -190,11 +197,13 @@ def l1_initramfs(kernel: Kernel) -> Path:
     return _initramfs("l1", kernel, L1_MODULES, L1_TOOLS, REPO / "guests" / "l1" / "init")
 
 
-def l2_initramfs(kernel: Kernel, with_fio: bool = False) -> Path:
+def l2_initramfs(kernel: Kernel, with_fio: bool = False, extra_modules: tuple[Path, ...] = ()) -> Path:
     """The L2 guest's initramfs for this kernel, with the workloads (and fio, for an NVMe check:
-    57 MiB of L2's RAM, twice while it boots)."""
+    57 MiB of L2's RAM, twice while it boots). ``extra_modules`` are loaded on demand (modprobe),
+    not at boot."""
     return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init",
-                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),) if with_fio else ())
+                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),) if with_fio else (),
+                      extra_modules=extra_modules)
 
 
 # -- fio -----------------------------------------------------------------------------------

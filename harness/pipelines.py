@@ -26,7 +26,8 @@ from harness.report import environment
 from harness.results import VERDICTS
 
 RUN_OPTIONS = ("kernel", "to_kernel", "l1_qemu", "mode", "devices", "l2_mem", "inject", "cycles",
-               "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu")
+               "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu",
+               "edu_irq")
 """Cell keys that are `fastrestart run` options (`to_kernel` → `--to-kernel`), in argument order.
 `shared_ram: false` is the flag `--no-shared-ram`; `l2_iommu: true` is `--l2-iommu`."""
 META_KEYS = ("name", "expect", "description")

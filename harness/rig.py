@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import guest, images, kernels
+from . import guest, guestmodules, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
 from .errors import CheckFailed, ConsoleTimeout, GuestPanic, StepError, UsageError
 from .guest import (
@@ -36,6 +36,7 @@ from .machine import Machine
 MIB = 1 << 20
 SECTION_MIB = 128  # memory hotplug section: PMEM regions are aligned to it
 STATE_REGION_MIB = 128
+EDU_IRQ_MODES = ("auto", "msi", "intx")
 L1_OWN_MIB = 1024
 LOWMEM_LIMIT_MIB = 2816  # q35 splits RAM at 2 GiB once it reaches 2.75 GiB
 READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
@@ -130,6 +131,7 @@ class RigConfig:
     ram_backend: str = "auto"  # auto | devdax | fsdax | memfd
     shared_ram: bool = True
     l2_iommu: bool = False  # give L2 an intel-iommu, so its edu runs on vfio-pci with MSI
+    edu_irq: str = "auto"  # msi | intx | auto (MSI when L2 can drive it: a vIOMMU or our edu_uio module)
     l1_cpus: int = 2
     firmware: str = "seabios"  # L1's firmware: seabios (QEMU's default) | ovmf (UEFI, Debian's ovmf package)
     state_extra_mib: int = 0  # more room in the state region (the bench copies RAM there on some cycles)
@@ -139,6 +141,8 @@ class RigConfig:
             raise UsageError(f"With nvme assigned, L2 needs at least {images.L2_MIN_MIB_WITH_FIO} MiB (got "
                              f"{self.l2_mem_mib}): fio, which checks the NVMe data, lives in its initramfs. "
                              "Use --l2-mem 256M, or --devices edu.")
+        if self.edu_irq not in EDU_IRQ_MODES:
+            raise UsageError(f"Unknown edu interrupt mode '{self.edu_irq}'; use one of {', '.join(EDU_IRQ_MODES)}.")
 
 
 @dataclass
@@ -150,6 +154,8 @@ class Artifacts:
     initrd_to: Path
     l2_initrd: Path
     userspace: images.Userspace
+    edu_irq: str = "intx"  # what L2's edutest uses: msi or intx
+    edu_irq_why: str = ""  # why not MSI, when auto fell back to INTx
 
     def boot_files(self) -> dict[str, Path]:
         return {"from/vmlinuz": self.kernel_from.image, "from/initrd": self.initrd_from,
@@ -164,9 +170,28 @@ def prepare_artifacts(config: RigConfig) -> Artifacts:
     l2_kernel = kernels.resolve(config.l2_kernel)
     initrd_from = images.l1_initramfs(kernel_from)
     initrd_to = images.l1_initramfs(kernel_to) if kernel_to != kernel_from else initrd_from
+    edu_irq, why, l2_modules = _edu_interrupts(config, l2_kernel)
     return Artifacts(kernel_from, kernel_to, l2_kernel, initrd_from, initrd_to,
-                     images.l2_initramfs(l2_kernel, with_fio="nvme" in config.devices),
-                     images.l1_userspace(config.l1_qemu))
+                     images.l2_initramfs(l2_kernel, with_fio="nvme" in config.devices, extra_modules=l2_modules),
+                     images.l1_userspace(config.l1_qemu), edu_irq, why)
+
+
+def _edu_interrupts(config: RigConfig, l2_kernel: kernels.Kernel) -> tuple[str, str, tuple[Path, ...]]:
+    """How L2 takes edu's interrupts: (msi|intx, why not MSI, L2 modules that needs).
+
+    With its own vIOMMU, L2 runs edu on vfio-pci. Without one, MSI needs our edu_uio module
+    built for the L2 kernel (uio_pci_generic only does INTx); INTx needs nothing of ours."""
+    if "edu" not in config.devices or config.edu_irq == "intx":
+        return "intx", "", ()
+    if config.l2_iommu:
+        return "msi", "", ()
+    try:
+        return "msi", "", (guestmodules.build("edu_uio", l2_kernel),)
+    except guestmodules.Unavailable as error:
+        if config.edu_irq == "msi":
+            raise UsageError(f"--edu-irq msi: L2 cannot run edu on MSI: {error}. Use --edu-irq intx, "
+                             "or --l2-iommu.") from error
+        return "intx", f"edu_uio (MSI) unavailable: {error}", ()
 
 
 L0_AUTO_MIN = (9, 0)

@@ -37,6 +37,7 @@ class Cell:
     ram_backend: str = "auto"
     shared_ram: bool = True
     l2_iommu: bool = False
+    edu_irq: str = "auto"
     cycles: int = 1
     inject: str | None = None
     mem_check_mib: int | None = None
@@ -49,6 +50,8 @@ class Cell:
         parts = [kernel, f"q{self.l1_qemu}", self.mode, "+".join(self.devices) or "nodev", self.l2_mem]
         if self.l2_iommu:
             parts.append("l2iommu")
+        if self.edu_irq != "auto":
+            parts.append(self.edu_irq)
         if self.inject:
             parts.append(self.inject)
         return "-".join(parts)
@@ -102,7 +105,7 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
         kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
         l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
         l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram,
-        l2_iommu=cell.l2_iommu)
+        l2_iommu=cell.l2_iommu, edu_irq=cell.edu_irq)
     flow = rig = None
     try:
         progress("probe")

@@ -16,8 +16,12 @@
  *   vfio-noiommu  vfio-pci in no-IOMMU mode (kernel needs CONFIG_VFIO_NOIOMMU,
  *                 which Debian's kernels do NOT set). MSI and INTx; DMA
  *                 addresses are guest-physical addresses (pagemap).
- *   uio           uio_pci_generic. INTx only. DMA addresses are guest-physical
- *                 addresses (pagemap). uio_pci_generic has no irqcontrol hook:
+ *   uio           --irq intx: uio_pci_generic; --irq msi: edu_uio, our own UIO
+ *                 driver for edu on MSI (guests/modules/edu_uio.c, which the
+ *                 harness builds for the guest's kernel). No IOMMU needed: DMA
+ *                 addresses are guest-physical addresses (pagemap). MSI is edge:
+ *                 each raise is one message, nothing to unmask.
+ *                 uio_pci_generic has no irqcontrol hook:
  *                 its handler masks INTx with the Command register's Interrupt
  *                 Disable bit and write(/dev/uioN, 1) fails with ENOSYS, so the
  *                 re-enable MUST be a config-space write clearing that bit
@@ -611,7 +615,7 @@ static int choose_backend(void)
 	noiommu_param = path_exists("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode");
 
 	if (g.backend == BK_AUTO) {
-		if (!strcmp(cur, "uio_pci_generic"))
+		if (!strcmp(cur, "uio_pci_generic") || !strcmp(cur, "edu_uio"))
 			g.backend = BK_UIO;
 		else if (!strcmp(cur, "vfio-pci") || has_group || noiommu_param)
 			g.backend = BK_VFIO_TYPE1; /* refined to noiommu below */
@@ -646,11 +650,15 @@ static int choose_backend(void)
 			g.backend = BK_VFIO_NOIOMMU;
 		}
 	}
-	if (g.backend == BK_UIO && g.irq == IRQ_MSI) {
-		seterr("MSI needs the vfio backend: uio_pci_generic can only deliver INTx, and %s "
-		       "cannot use vfio here (no IOMMU group; kernel without CONFIG_VFIO_NOIOMMU). "
-		       "Use --irq intx, or give the guest a vIOMMU", g.bdf);
-		return -1;
+	if (g.backend == BK_UIO && g.irq == IRQ_MSI && !path_exists("/sys/bus/pci/drivers/edu_uio")) {
+		try_modprobe("edu_uio");
+		if (!path_exists("/sys/bus/pci/drivers/edu_uio")) {
+			seterr("MSI without vfio needs the edu_uio module (uio_pci_generic can only "
+			       "deliver INTx), and modprobe edu_uio failed; %s cannot use vfio here (no "
+			       "IOMMU group; kernel without CONFIG_VFIO_NOIOMMU). Use --irq intx, or give "
+			       "the guest a vIOMMU", g.bdf);
+			return -1;
+		}
 	}
 	if (g.backend == BK_UIO && has_group) {
 		char t[64] = "";
@@ -850,7 +858,7 @@ static int uio_setup(void)
 	int uio = -1, fd;
 	struct stat sb;
 
-	if (bind_driver("uio_pci_generic") < 0)
+	if (bind_driver(g.irq == IRQ_MSI ? "edu_uio" : "uio_pci_generic") < 0)
 		return -1;
 	snprintf(p, sizeof(p), "%s/uio", g.sysdev);
 	d = opendir(p);
@@ -922,7 +930,8 @@ static void irq_unmask(void)
 			}
 			return;
 		}
-		intx_disable_bit(false);
+		if (g.irq == IRQ_INTX)
+			intx_disable_bit(false);
 	} else if (g.irq == IRQ_INTX) {
 		vfio_unmask_intx();
 	}
@@ -1767,13 +1776,14 @@ static int device_setup(void)
 		/* read(/dev/uioN) returns the event count accumulated since the
 		 * driver was bound, not since open: take the baseline from sysfs
 		 * while the device is quiet, then re-enable INTx (a previous user
-		 * may have left it disabled). */
+		 * may have left it disabled; with MSI the PCI core keeps it off). */
 		if (read_file(g.uio_event, ev, sizeof(ev)) < 0) {
 			seterr("cannot read %s: %s", g.uio_event, strerror(errno));
 			return -1;
 		}
 		g.uio_count = (uint32_t)strtoul(ev, NULL, 0);
-		intx_disable_bit(false);
+		if (g.irq == IRQ_INTX)
+			intx_disable_bit(false);
 	} else if (vfio_irq_setup() < 0) {
 		return -1;
 	}

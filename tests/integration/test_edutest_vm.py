@@ -6,7 +6,8 @@ with pexpect, and shows that:
 
 * a clean run counts transfers > 0, no DMA mismatch and irq_expected ==
   irq_received > 0, for MSI and INTx (vfio-pci, type1 IOMMU behind an emulated
-  intel-iommu) and for INTx through uio_pci_generic (no vIOMMU);
+  intel-iommu), for INTx through uio_pci_generic and for MSI through our
+  edu_uio module (guests/modules, built for this kernel; no vIOMMU);
 * clearing the MSI Enable bit underneath the program (the host-side fault) is
   reported as lost interrupts and exit 1, without hanging;
 * a completed payload corrupted after it landed is caught, both when the
@@ -16,11 +17,12 @@ with pexpect, and shows that:
   ``write(/dev/uioN, 1)``: uio_pci_generic has no irqcontrol (ENOSYS), so INTx
   stays disabled after the first interrupt;
 * a guest suspend to RAM and QMP ``system_wakeup`` (what the fast-restart
-  harness does around cpr-reboot) leaves the uio device with Bus Master Enable
-  off (the PCI core re-enables it only for ``is_busmaster`` devices); edutest
-  re-enables it like a driver's resume (``pm_resume_reinits``) and DMA keeps
-  passing, while the same bit cleared *without* a suspend (as a host would) is
-  counted in ``bme_lost`` and fails the run;
+  harness does around cpr-reboot) leaves the uio_pci_generic device with Bus
+  Master Enable off (the PCI core re-enables it only for ``is_busmaster``
+  devices); edutest re-enables it like a driver's resume (``pm_resume_reinits``)
+  and DMA keeps passing, while the same bit cleared *without* a suspend (as a
+  host would) is counted in ``bme_lost`` and fails the run. On edu_uio, whose
+  suspend waits for a running DMA, every MSI and every transfer survives S3;
 * INTx Disable set underneath the uio loop (the harness's "irq-drop" fault) is
   counted as a lost interrupt, not repaired before, and the loop re-arms.
 
@@ -49,10 +51,15 @@ from pathlib import Path
 
 import pytest
 
+from harness import guestmodules
+
 pexpect = pytest.importorskip("pexpect")
 
 REPO = Path(__file__).resolve().parents[2]
 EDUTEST_SRC = REPO / "guests" / "workloads" / "edutest.c"
+# The harness's own suspend script: it re-opens q35's ACPI PM window after a wake, without which
+# a second suspend of the same guest never reaches QEMU.
+FR_SUSPEND = REPO / "guests" / "l2" / "fr-suspend"
 QEMU = shutil.which("qemu-system-x86_64")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastrestart" / "edu-selftest"
 SUITE = "trixie"
@@ -216,11 +223,12 @@ ttyS0::respawn:/bin/sh
 """
 
 
-def build_initrd(kernel: Kernel, edutest: Path, tag: str = "stock") -> Path:
+def build_initrd(kernel: Kernel, edutest: Path, tag: str = "stock", extra_modules: tuple[Path, ...] = ()) -> Path:
+    """``extra_modules``: our own .ko files for this kernel, loadable by modprobe (lib/modules/*/extra)."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     h = hashlib.sha256()
     for part in (edutest.read_bytes(), Path(busybox).read_bytes(), RCS.encode(), INITTAB.encode(),
-                 kernel.version.encode()):
+                 kernel.version.encode(), FR_SUSPEND.read_bytes(), *(ko.read_bytes() for ko in extra_modules)):
         h.update(hashlib.sha256(part).digest())
     for ko in sorted(kernel.modroot.rglob("*.ko")):
         h.update(hashlib.sha256(ko.read_bytes()).digest())
@@ -248,7 +256,13 @@ def build_initrd(kernel: Kernel, edutest: Path, tag: str = "stock") -> Path:
             (root / "etc/inittab").write_text(INITTAB)
             (root / "etc/profile").write_text("export PATH=/usr/bin:/usr/sbin:/bin:/sbin\n")
             shutil.copy2(edutest, root / "usr/bin/edutest")
+            shutil.copy2(FR_SUSPEND, root / "usr/bin/fr-suspend")
             shutil.copytree(kernel.modroot / "lib/modules", root / "lib/modules", symlinks=True)
+            for ko in extra_modules:
+                (root / "lib/modules" / kernel.version / "extra").mkdir(exist_ok=True)
+                shutil.copy2(ko, root / "lib/modules" / kernel.version / "extra" / ko.name)
+            if extra_modules:
+                _run(["depmod", "-b", str(root), kernel.version])
             files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True, check=True)
             tmp_out = out.with_suffix(".tmp")
             with open(tmp_out, "wb") as f:
@@ -443,7 +457,8 @@ def artifacts() -> tuple[Kernel, Path]:
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     kernel = ensure_kernel()
-    return kernel, build_initrd(kernel, build_edutest())
+    return kernel, build_initrd(kernel, build_edutest(),
+                                extra_modules=(guestmodules.build_for_release("edu_uio", kernel.version),))
 
 
 @pytest.fixture(scope="module")
@@ -525,6 +540,32 @@ def _assert_clean(res: dict, rc: int, log: str = "") -> None:
     assert res["final_checked"] == min(res["transfers"], res["slots"])
 
 
+def _assert_msi_disabled_underneath_is_lost(e: Edutest, backend: str) -> None:
+    """What the harness's irq-drop does from L1 to the physical device: clear MSI Enable."""
+    e.start("--irq", "msi", "--irq-timeout-ms", "1000")
+    cap = int(e.ready()["msi_cap"], 16)
+    before = e.wait("transfers", 3)
+    assert before["irq_lost"] == 0
+    cfg = f"/sys/bus/pci/devices/{BDF}/config"
+    off = cap + 2
+    e.vm.check(
+        f"b=$(dd if={cfg} bs=1 skip={off} count=1 2>/dev/null | od -An -tu1 | tr -d ' '); "
+        f"printf \"$(printf '\\\\%03o' $((b & 254)))\" | "
+        f"dd of={cfg} bs=1 seek={off} count=1 conv=notrunc 2>/dev/null"
+    )
+    flags = e.vm.check(f"dd if={cfg} bs=1 skip={off} count=1 2>/dev/null | od -An -tu1").strip()
+    assert int(flags) & 1 == 0
+    e.wait("irq_lost", 3, timeout=60)
+    rc, res = e.verify()
+    _report(f"{backend} msi, MSI enable cleared", res)
+    assert rc == 1
+    assert res["pass"] is False
+    assert res["irq_lost"] >= 3
+    assert res["irq_expected"] == res["irq_received"] + res["irq_lost"]
+    assert res["dma_mismatches"] == 0  # the DMA itself still completes
+    assert "LOST: no" in e.log()
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -553,30 +594,7 @@ class TestVfio:
             assert res["retire_checks"] == res["transfers"] - slots
 
     def test_msi_disabled_underneath_is_lost(self, vfio_vm: GuestVM) -> None:
-        e = Edutest(vfio_vm, "msi-off")
-        e.start("--irq", "msi", "--irq-timeout-ms", "1000")
-        cap = int(e.ready()["msi_cap"], 16)
-        before = e.wait("transfers", 3)
-        assert before["irq_lost"] == 0
-        # What the harness does from L1 to the physical device: clear MSI Enable.
-        cfg = f"/sys/bus/pci/devices/{BDF}/config"
-        off = cap + 2
-        vfio_vm.check(
-            f"b=$(dd if={cfg} bs=1 skip={off} count=1 2>/dev/null | od -An -tu1 | tr -d ' '); "
-            f"printf \"$(printf '\\\\%03o' $((b & 254)))\" | "
-            f"dd of={cfg} bs=1 seek={off} count=1 conv=notrunc 2>/dev/null"
-        )
-        flags = vfio_vm.check(f"dd if={cfg} bs=1 skip={off} count=1 2>/dev/null | od -An -tu1").strip()
-        assert int(flags) & 1 == 0
-        e.wait("irq_lost", 3, timeout=60)
-        rc, res = e.verify()
-        _report("vfio msi, MSI enable cleared", res)
-        assert rc == 1
-        assert res["pass"] is False
-        assert res["irq_lost"] >= 3
-        assert res["irq_expected"] == res["irq_received"] + res["irq_lost"]
-        assert res["dma_mismatches"] == 0  # the DMA itself still completes
-        assert "LOST: no" in e.log()
+        _assert_msi_disabled_underneath_is_lost(Edutest(vfio_vm, "msi-off"), "vfio")
 
     def test_selftest_corrupt_is_caught(self, vfio_vm: GuestVM) -> None:
         e = Edutest(vfio_vm, "corrupt")
@@ -631,7 +649,7 @@ class TestVfio:
 @pytest.mark.vm
 @needs_qemu
 class TestUio:
-    """No vIOMMU, stock Debian kernel: uio_pci_generic, INTx only."""
+    """No vIOMMU, stock Debian kernel: INTx through uio_pci_generic, MSI through edu_uio."""
 
     def test_clean_intx(self, uio_vm: GuestVM) -> None:
         e = Edutest(uio_vm, "uio")
@@ -645,10 +663,28 @@ class TestUio:
         _assert_clean(res, rc, e.log())
         assert res["gpa_moved"] == 0
 
-    def test_msi_refused_clearly(self, uio_vm: GuestVM) -> None:
-        rc, out = uio_vm.run(f"edutest start --bdf {BDF} --dir /run/edu-nomsi --irq msi")
+    def test_clean_msi_on_edu_uio(self, uio_vm: GuestVM) -> None:
+        e = Edutest(uio_vm, "uio-msi")
+        ready = e.start("--irq", "msi")
+        assert ready["backend"] == "uio" and ready["irq"] == "msi"
+        assert uio_vm.check(f"basename $(readlink /sys/bus/pci/devices/{BDF}/driver)").strip() == "edu_uio"
+        e.wait("transfers", 8)
+        rc, res = e.verify()
+        _report("uio msi (edu_uio)", res)
+        _assert_clean(res, rc, e.log())
+
+    def test_msi_disabled_underneath_is_lost_on_edu_uio(self, uio_vm: GuestVM) -> None:
+        _assert_msi_disabled_underneath_is_lost(Edutest(uio_vm, "uio-msi-off"), "uio")
+
+    def test_msi_without_edu_uio_is_refused_clearly(self, uio_vm: GuestVM) -> None:
+        hidden = "/run/edu_uio.ko.hidden"
+        uio_vm.check(f"rmmod edu_uio 2>/dev/null; mv /lib/modules/*/extra/edu_uio.ko {hidden}")
+        try:
+            rc, out = uio_vm.run(f"edutest start --bdf {BDF} --dir /run/edu-nomsi --irq msi")
+        finally:
+            uio_vm.check(f"mv {hidden} /lib/modules/$(uname -r)/extra/edu_uio.ko")
         assert rc == 2
-        assert "MSI needs the vfio backend" in out
+        assert "needs the edu_uio module" in out
 
     def test_usage_errors_exit_2(self, uio_vm: GuestVM) -> None:
         assert uio_vm.run("edutest verify --dir /run/nothing-here")[0] == 2
@@ -735,14 +771,16 @@ class TestUio:
         assert res["dma_mismatches"] == 0 and res["bme_lost"] == 0
         assert "LOST: no" in e.log()
 
-    def test_suspend_resume_keeps_dma(self, uio_vm: GuestVM) -> None:
-        """echo mem > /sys/power/state, QMP system_wakeup: the PCI core leaves BME off
-        (edutest never made the kernel set is_busmaster); edutest re-enables it like a
-        driver's resume and DMA keeps passing."""
+    @pytest.mark.parametrize("irq", ["intx", "msi"])
+    def test_suspend_resume_keeps_dma(self, uio_vm: GuestVM, irq: str) -> None:
+        """echo mem > /sys/power/state, QMP system_wakeup. INTx (uio_pci_generic): the PCI core
+        leaves BME off (edutest never made the kernel set is_busmaster); edutest re-enables it
+        like a driver's resume and DMA keeps passing. MSI (edu_uio, which has PM callbacks):
+        the PCI core restores the device itself, and no MSI or transfer is lost."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        e = Edutest(uio_vm, "uio-s3")
-        e.start("--irq", "intx", "--slots", "64")
+        e = Edutest(uio_vm, f"uio-s3-{irq}")
+        e.start("--irq", irq, "--slots", "64")
         before = e.wait("transfers", 4)
         assert before["pm_resume_reinits"] == 0 and before["suspends_seen"] == 0
         assert "mem" in uio_vm.check("cat /sys/power/state")
@@ -750,7 +788,7 @@ class TestUio:
         qmp.connect()
         try:
             # Backgrounded with a delay so the shell's marker is read before the console sleeps.
-            uio_vm.check("(sleep 1; echo mem > /sys/power/state) >/dev/null 2>&1 & true")
+            uio_vm.check("(sleep 1; fr-suspend) >/dev/null 2>&1 & true")
             suspended = False
             deadline = time.monotonic() + 60
             while not suspended and time.monotonic() < deadline:
@@ -766,20 +804,24 @@ class TestUio:
         finally:
             qmp.close()
         _resync_console(uio_vm)
-        after_wake = e.wait("pm_resume_reinits", 1, timeout=120)
+        after_wake = e.wait("pm_resume_reinits" if irq == "intx" else "suspends_seen", 1, timeout=120)
         assert after_wake["bme_lost"] == 0, e.log()
         e.wait("transfers", after_wake["transfers"] + 8)
         assert _read_command(uio_vm) & PCI_COMMAND_MASTER
         rc, res = e.verify()
-        _report("uio intx, suspend to RAM + system_wakeup", res)
+        _report(f"uio {irq}, suspend to RAM + system_wakeup", res)
         print("pci_events:", res["pci_events"], "pm_retried_transfers:", res["pm_retried_transfers"],
               "irq_resume_kicks:", res["irq_resume_kicks"])
         assert rc == 0, e.log()
         _assert_clean(res, rc, e.log())
-        assert res["pm_resume_reinits"] >= 1
         assert res["suspends_seen"] >= 1
         assert res["transfers"] >= after_wake["transfers"] + 8
-        assert "PM-RESUME" in e.log()
+        if irq == "intx":
+            assert res["pm_resume_reinits"] >= 1
+            assert "PM-RESUME" in e.log()
+        else:  # the driver's PM callbacks kept the device: nothing for edutest to repair or redo
+            assert res["pm_resume_reinits"] == 0 and res["pm_retried_transfers"] == 0, e.log()
+            assert res["irq_resume_kicks"] == 0
 
 @pytest.mark.vm
 @needs_qemu

@@ -45,6 +45,7 @@ def write_matrix(tmp_path: Path, text: str) -> Path:
      ["--l2-kernel", "debian:trixie", "--l0-qemu", "sid", "--accel", "tcg", "--no-shared-ram",
       "--mem-check", "64"]),
     ({"shared_ram": True}, []),
+    ({"edu_irq": "intx", "l2_iommu": True}, ["--l2-iommu", "--edu-irq", "intx"]),
     ({}, []),
 ])
 def test_cell_args(cell: dict, args: list[str]) -> None:
