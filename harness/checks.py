@@ -245,10 +245,19 @@ class Workloads:
             _, edu = self._json(l2, f"edutest verify --dir {edu_dir} --timeout 60", step)
             if self.rig.artifacts.edu_irq_why:
                 edu["msi_unavailable"] = self.rig.artifacts.edu_irq_why
+            if edu.get("backend") == "uio" and edu.get("irq") == "msi":  # edu_uio logs what its suspend met
+                edu["suspends_with_dma_in_flight"] = int(l2.console.check(
+                    "dmesg | grep -c 'edu_uio: DMA in flight at suspend' || true", step=step).strip() or 0)
         if "nvme" in self.ready:
             _, blk = self._json(l2, f"blkcheck verify --dir {blk_dir} --timeout 120", step)
             blk["fio"] = self._verify_fio(l2, blk_dir, step)
         return edu, blk
+
+    def before_suspend(self) -> str:
+        """What the guest runs right before its sleep request (``fr-suspend COMMAND``): it returns
+        once edu starts a DMA, so that a transfer is in flight when the suspend begins (and
+        edu_uio's suspend must wait for it)."""
+        return f"edutest busy --dir {self._dirs()[0]}" if "edu" in self.ready else ""
 
     def slot_gpas(self, l2: L2, count: int) -> list[str]:
         """Guest-physical addresses of edu's first DMA slots (read only when a fault needs them)."""
@@ -318,7 +327,8 @@ def dma_verdict(edu: dict | None, blk: dict | None) -> dict:
         return verdict("UNSUPPORTED", reason="no DMA-capable device is assigned (--devices)")
     evidence, problems = {}, []
     if edu is not None:
-        evidence["edu"] = {k: edu.get(k) for k in ("transfers", "dma_mismatches", "first_mismatch", "backend")}
+        evidence["edu"] = {k: edu.get(k) for k in ("transfers", "dma_mismatches", "first_mismatch", "backend",
+                                                   "suspends_seen", "suspends_with_dma_in_flight") if k in edu}
         if not edu.get("transfers"):
             problems.append("edu made no DMA transfer")
         if edu.get("dma_mismatches"):

@@ -151,7 +151,9 @@ class Flow:
     def suspend_l2(self) -> dict:
         """The guest suspends itself to RAM (cpr-reboot with devices attached needs it)."""
         since = len(self.l2.qmp.events)
-        self.l2.console.send("fr-suspend")  # prints FR-WOKE once the guest runs again (guests/l2/fr-suspend)
+        in_flight = self.workloads.before_suspend() if self.workloads else ""
+        # fr-suspend (guests/l2) prints FR-WOKE once the guest runs again.
+        self.l2.console.send(f"fr-suspend {in_flight}".strip())
         event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
         return {"suspended_at": event.received}
 

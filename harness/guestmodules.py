@@ -2,9 +2,10 @@
 
 A module must be built with the kernel's own headers and compiler. For a Debian kernel both
 come from the kernel's suite: the headers packages and the compiler they name are unpacked
-into a build root (cached per kernel release), and ``make M=`` runs chrooted in it, so a
-trixie or sid kernel builds on a bookworm host. Kernels of other sources have no headers
-here; for them ``build`` raises ``Unavailable`` with the reason.
+into a build root (cached per kernel release), and ``make M=`` runs inside it (``unshare
+--root``, with its own /proc), so a trixie or sid kernel builds on a bookworm host. Kernels
+of other sources have no headers here; for them ``build`` raises ``Unavailable`` with the
+reason.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def _make(root: Path, release: str, name: str, out: Path) -> None:
         inside = Path("/") / work.relative_to(root)
         command = [*_enter(root), "make", "-s", "-C", str(headers), f"M={inside}", "modules"]
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LC_ALL": "C"}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            raise Unavailable(f"building {name}.ko for {release} took over {BUILD_TIMEOUT_S} s") from error
         built = work / f"{name}.ko"
         if proc.returncode != 0 or not built.exists():
             raise Unavailable(f"building {name}.ko for {release} failed (exit {proc.returncode}): "
@@ -116,4 +120,5 @@ def _enter(root: Path) -> list[str]:
     (root / "proc").mkdir(exist_ok=True)
     unshare = shutil.which("unshare") or "/usr/bin/unshare"  # on the host: the command's PATH is the root's
     user = [] if os.geteuid() == 0 else ["--map-root-user"]
-    return [unshare, *user, "--mount", "--pid", "--fork", "--mount-proc=/proc", f"--root={root}"]
+    # --kill-child: a timeout that kills unshare takes the whole build with it.
+    return [unshare, *user, "--mount", "--pid", "--fork", "--kill-child", "--mount-proc=/proc", f"--root={root}"]

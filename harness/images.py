@@ -155,7 +155,7 @@ def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str],
                scripts: tuple[Path, ...] = (), trees: tuple[Path, ...] = (),
                extra_modules: tuple[Path, ...] = ()) -> Path:
     """``trees``: finished directory trees (each in its own content-keyed cache dir) copied in.
-    ``extra_modules``: out-of-tree ``.ko`` files (content-keyed names) loadable by modprobe."""
+    ``extra_modules``: out-of-tree ``.ko`` files (each in a content-keyed cache dir), loadable by modprobe."""
     sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
     sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,

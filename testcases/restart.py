@@ -40,6 +40,7 @@ def cell_from_params(params, name: str) -> Cell:
         accel=params.get("accel", default=None),
         shared_ram=bool(params.get("shared_ram", default=True)),
         l2_iommu=bool(params.get("l2_iommu", default=False)),
+        edu_irq=params.get("edu_irq", default="auto"),
         mem_check_mib=params.get("mem_check", default=None),
     )
 

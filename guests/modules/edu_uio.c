@@ -85,13 +85,20 @@ static void edu_uio_remove(struct pci_dev *pdev)
 	pci_free_irq_vectors(pdev);
 }
 
+/* The harness reads these lines from the guest's log: "was a transfer in flight at suspend?" */
 static int edu_uio_suspend(struct device *dev)
 {
 	struct edu_uio *edu = dev_get_drvdata(dev);
-	u32 cmd;
+	ktime_t start = ktime_get();
+	u32 cmd = readl(edu->bar + EDU_DMA_CMD);
 
+	if (!(cmd & EDU_DMA_RUN))
+		return 0;
 	if (readl_poll_timeout(edu->bar + EDU_DMA_CMD, cmd, !(cmd & EDU_DMA_RUN), 1000, EDU_DMA_WAIT_US))
 		dev_warn(dev, "edu_uio: DMA still running at suspend (cmd 0x%x)\n", cmd);
+	else
+		dev_info(dev, "edu_uio: DMA in flight at suspend; waited %lld us for it\n",
+			 ktime_us_delta(ktime_get(), start));
 	return 0;
 }
 

@@ -35,6 +35,7 @@
  *                 [--dma-bits BITS] [--seed N] [--foreground]
  *   edutest verify --dir D [--timeout S] [--strict]
  *   edutest status --dir D
+ *   edutest busy --dir D [--timeout S]   (return once edu runs a DMA: exit 0, else 1)
  *   edutest selftest-corrupt --dir D [--slot N|-1] [--timeout S]   (hidden)
  *
  * Guest suspend/resume (a driver's resume path, done from userspace):
@@ -1930,7 +1931,8 @@ static void usage(FILE *f)
 		"                [--backend auto|vfio|uio] [--irq-timeout-ms MS] [--dma-bits N]\n"
 		"                [--seed N] [--foreground]\n"
 		"  edutest verify --dir D [--timeout SECONDS] [--strict]\n"
-		"  edutest status --dir D\n");
+		"  edutest status --dir D\n"
+		"  edutest busy --dir D [--timeout SECONDS]   (return once a DMA is in flight)\n");
 }
 
 /* A usage error: say what is wrong, show the usage, and return exit code 2. */
@@ -2305,6 +2307,68 @@ static int cmd_corrupt(int argc, char **argv)
 	return rc;
 }
 
+/*
+ * Wait until edu's DMA engine starts a transfer, and return at once: run right before a guest
+ * suspend (or a save), it makes sure that a transfer is in flight when that begins. edu runs
+ * each DMA 100 ms after it is started, and the daemon starts them back to back, each with
+ * other addresses than the one before: a running DMA whose addresses changed since we
+ * started watching is a fresh one, with most of its 100 ms still ahead. If none is seen
+ * fresh in time, any running DMA will do.
+ */
+static int cmd_busy(int argc, char **argv)
+{
+	double timeout = 2, started, deadline;
+	char p[PATH_MAX], bdf[64] = "", *ready, *at;
+	struct timespec ts = {0, 200000};
+	volatile uint32_t *bar;
+	uint32_t src, dst;
+	struct stat sb;
+	bool running, fresh;
+	void *map;
+	int fd, rc;
+
+	rc = parse_dir_opts(argc, argv, &timeout, NULL, NULL);
+	if (rc)
+		return rc;
+	dpath(p, sizeof(p), "edutest.ready");
+	ready = slurp(p);
+	at = ready ? strstr(ready, "\"bdf\":\"") : NULL;
+	if (!at || sscanf(at + 7, "%63[^\"]", bdf) != 1) {
+		fprintf(stderr, "edutest: no daemon ready in %s\n", g.dir);
+		free(ready);
+		return 2;
+	}
+	free(ready);
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/resource0", bdf);
+	fd = open(p, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &sb) < 0) {
+		fprintf(stderr, "edutest: %s: %s\n", p, strerror(errno));
+		return 2;
+	}
+	map = mmap(NULL, sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	close(fd);
+	if (map == MAP_FAILED) {
+		fprintf(stderr, "edutest: mmap %s: %s\n", p, strerror(errno));
+		return 2;
+	}
+	bar = map;
+	started = now_mono();
+	deadline = started + timeout;
+	src = bar[EDU_DMA_SRC / 4];
+	dst = bar[EDU_DMA_DST / 4];
+	do {
+		running = bar[EDU_DMA_CMD / 4] & EDU_DMA_RUN;
+		fresh = running && (bar[EDU_DMA_SRC / 4] != src || bar[EDU_DMA_DST / 4] != dst);
+		if (!fresh)
+			nanosleep(&ts, NULL);
+	} while (!fresh && now_mono() < deadline);
+	running = bar[EDU_DMA_CMD / 4] & EDU_DMA_RUN;
+	printf("{\"dma_running\":%s,\"fresh\":%s,\"waited_ms\":%.1f}\n", running ? "true" : "false",
+	       fresh ? "true" : "false", (now_mono() - started) * 1000);
+	munmap(map, sb.st_size);
+	return running ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -2319,6 +2383,8 @@ int main(int argc, char **argv)
 		return cmd_status(argc - 2, argv + 2);
 	if (!strcmp(argv[1], "selftest-corrupt"))
 		return cmd_corrupt(argc - 2, argv + 2);
+	if (!strcmp(argv[1], "busy"))
+		return cmd_busy(argc - 2, argv + 2);
 	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
 		usage(stdout);
 		return 0;

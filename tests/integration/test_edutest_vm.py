@@ -673,6 +673,19 @@ class TestUio:
         _report("uio msi (edu_uio)", res)
         _assert_clean(res, rc, e.log())
 
+    def test_busy_returns_once_a_dma_is_in_flight(self, uio_vm: GuestVM) -> None:
+        """What the harness runs right before the guest suspends: it must see the engine running
+        while the daemon works, and say no (exit 1) once nothing runs DMA."""
+        e = Edutest(uio_vm, "uio-busy")
+        e.start("--irq", "msi")
+        e.wait("transfers", 2)
+        rc, out = uio_vm.run(f"edutest busy --dir {e.dir} --timeout 2")
+        assert rc == 0 and _last_json(out)["dma_running"] is True, out
+        rc, res = e.verify()
+        _assert_clean(res, rc, e.log())
+        rc, out = uio_vm.run(f"edutest busy --dir {e.dir} --timeout 0.5")
+        assert rc == 1 and _last_json(out)["dma_running"] is False, out
+
     def test_msi_disabled_underneath_is_lost_on_edu_uio(self, uio_vm: GuestVM) -> None:
         _assert_msi_disabled_underneath_is_lost(Edutest(uio_vm, "uio-msi-off"), "uio")
 
@@ -788,7 +801,8 @@ class TestUio:
         qmp.connect()
         try:
             # Backgrounded with a delay so the shell's marker is read before the console sleeps.
-            uio_vm.check("(sleep 1; fr-suspend) >/dev/null 2>&1 & true")
+            # As the harness does: suspend right after a DMA started, so that one is in flight.
+            uio_vm.check(f"(sleep 1; fr-suspend edutest busy --dir {e.dir}) >/dev/null 2>&1 & true")
             suspended = False
             deadline = time.monotonic() + 60
             while not suspended and time.monotonic() < deadline:
@@ -822,6 +836,8 @@ class TestUio:
         else:  # the driver's PM callbacks kept the device: nothing for edutest to repair or redo
             assert res["pm_resume_reinits"] == 0 and res["pm_retried_transfers"] == 0, e.log()
             assert res["irq_resume_kicks"] == 0
+            # edutest busy made a transfer be in flight, and edu_uio's suspend waited for it.
+            assert "edu_uio: DMA in flight at suspend" in uio_vm.run("dmesg | grep 'edu_uio: DMA'")[1]
 
 @pytest.mark.vm
 @needs_qemu

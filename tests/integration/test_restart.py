@@ -44,6 +44,7 @@ def test_default_cell_passes_and_is_the_same_guest(tmp_path):
     assert memory["pages_checked"] > 10_000 and memory["writer_writes"] > 0
     dma = result["checks"]["dma"]["evidence"]
     assert dma["edu"]["transfers"] > 0 and dma["nvme"]["blocks_checked"] > 0
+    assert dma["edu"]["suspends_seen"] == 1 and dma["edu"]["suspends_with_dma_in_flight"] in (0, 1)
     fio = dma["nvme"]["fio"]
     assert fio["dataset"]["reads"] == fio["dataset"]["writes"] > 0 and fio["dataset"]["verify_errors"] == 0
     assert fio["across_exited"] and fio["across"]["writes"] > 0
@@ -162,6 +163,10 @@ def test_three_cycles_four_host_boots_one_guest(tmp_path):
     assert len(result["l2"]["boot_ids"]) == 1 and len(result["per_cycle"]) == 3
     assert all(c["evidence"]["resume"]["resumed_with"] == "system_wakeup" for c in result["per_cycle"])
     assert checks(result) == {"liveness": "PASS", "memory": "PASS", "dma": "PASS", "interrupts": "PASS"}
+    # Each suspend was requested right after edu started a DMA (edutest busy): edu_uio's suspend
+    # found it in flight and waited for it (5 of 5 here; the timing is the guest's, so not all).
+    edu = result["checks"]["dma"]["evidence"]["edu"]
+    assert edu["suspends_seen"] == 3 and edu["suspends_with_dma_in_flight"] >= 1
 
 
 viommu = pytest.mark.skipif(
