@@ -16,10 +16,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import REPO
-from .debian import SUITES, AptRoot, extract
+from . import REPO, kernels
+from .debian import AptRoot, extract
 from .errors import UsageError
-from .kernels import Kernel
 from .paths import artifact_lock, cache_dir, content_key
 
 SOURCE_DIR = REPO / "guests" / "modules"
@@ -33,7 +32,7 @@ class Unavailable(Exception):
     """This module cannot be built for this kernel; the message says why."""
 
 
-def build(name: str, kernel: Kernel) -> Path:
+def build(name: str, kernel: kernels.Kernel) -> Path:
     """``guests/modules/<name>.c`` built for ``kernel``: the path of the cached ``<name>.ko``."""
     if not kernel.spec.startswith("debian:"):
         raise Unavailable(f"no headers for kernel {kernel.spec}: guest modules are built only for "
@@ -54,23 +53,16 @@ def build_for_release(name: str, release: str) -> Path:
     return out
 
 
-def _headers_suite(release: str) -> tuple[AptRoot, str]:
-    """The suite that has this kernel's headers, and the package name."""
-    package = f"linux-headers-{release}"
-    for suite in SUITES:
-        apt = AptRoot(suite)
-        apt.update()
-        if apt.exists(package):
-            return apt, package
-    raise Unavailable(f"no Debian suite has {package}")
-
-
 def _build_root(release: str) -> Path:
     """A chroot with this kernel's headers, kbuild and compiler (the headers' own dependencies)."""
     root = cache_dir() / "modules" / release / "root"
     if (root / ".complete").exists():
         return root
-    apt, package = _headers_suite(release)
+    package = f"linux-headers-{release}"
+    try:
+        apt = kernels.find_package(package)
+    except UsageError as error:
+        raise Unavailable(f"no Debian suite has {package}") from error
     # Backports carry kernels only; their toolchain is the base suite's.
     toolchain = AptRoot("bookworm") if apt.suite == "bookworm-backports" else apt
     depends = [dep for dep in apt.depends(package)

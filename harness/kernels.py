@@ -130,7 +130,8 @@ def _load(spec: str, directory: str) -> Kernel:
     return Kernel(spec, meta["release"], root / meta["image"], root, config)
 
 
-def _find_package(package: str) -> AptRoot:
+def find_package(package: str) -> AptRoot:
+    """The newest suite that has this package (kernels and their headers live in several)."""
     for suite in ("sid", "trixie", "bookworm-backports", "bookworm"):
         apt = AptRoot(suite)
         apt.update()
@@ -148,7 +149,7 @@ def _fetch(suite: str | None, package: str | None) -> Path:
         if not package:
             raise UsageError(f"linux-image-amd64 in {suite} does not name a kernel image package.")
     else:
-        apt = _find_package(package)
+        apt = find_package(package)
     release = package.removeprefix("linux-image-")
     directory = cache_dir() / "kernels" / release
     if _ready(directory):
