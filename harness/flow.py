@@ -1,4 +1,4 @@
-"""The fast-restart flow, step by step, as DESIGN.md §5 tells it.
+"""The fast-restart flow, step by step, as docs/design.md §5 tells it.
 
     prepare → [ save → record → kexec → boot → reserve → enumerate → reload → restore → resume ] × cycles → verify
 
@@ -199,7 +199,7 @@ class Flow:
         self.verify()
 
     def restart_cycle(self) -> None:
-        """One restart, DESIGN §5 steps 1-9 (a mode without a host restart skips kexec to reload)."""
+        """One restart, docs/design.md §5 steps 1-9 (a mode without a host restart skips kexec to reload)."""
         self.save()
         self.record()
         if self.mode.restarts_host:

@@ -1,4 +1,4 @@
-"""`fastrestart kernel build`: an L1 kernel from source, a patch series and config fragments (DESIGN §3, §8).
+"""`fastrestart kernel build`: an L1 kernel from source, a patch series and config fragments (docs/design.md §3.5).
 
 The flow reads as the steps it runs: fetch → unpack → patch → config → check → build → install.
 
@@ -10,7 +10,7 @@ The flow reads as the steps it runs: fetch → unpack → patch → config → c
 - The config is ``defconfig`` + ``kvm_guest.config``, then the fragments merged with the kernel's own
   ``scripts/kconfig/merge_config.sh`` and ``make olddefconfig``. Every option a fragment asks for is
   then checked in the final ``.config``: merge_config silently drops options whose dependencies are
-  missing (DESIGN §10 lost DEV_DAX_PMEM that way).
+  missing (docs/design.md §9, §10: DEV_DAX_PMEM was lost that way).
 - The result is cached under ``cache_dir()/builds/<key>/install`` (what ``kernels.resolve("build:KEY")``
   reads), keyed by the source identity, the series, the fragments and the compiler.
 """

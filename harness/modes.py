@@ -284,7 +284,7 @@ def luo_kernel_reasons(options: dict[str, str], release: str, devices: list[str]
 
 class Luo(Mode):
     """luo: L2's RAM and device state live in two memfds that the kernel's Live Update Orchestrator
-    keeps across the kexec (DESIGN §10); no PMEM holds them. No QEMU knows LUO, so a small L1 daemon
+    keeps across the kexec (docs/design.md §6, §10); no PMEM holds them. No QEMU knows LUO, so a small L1 daemon
     (``l1tool luo-hold``) owns the memfds: QEMU maps the RAM one through /proc/<pid>/fd/<n>, the save
     (x-ignore-shared) writes the state one, and the daemon preserves both in a LUO session (tokens
     1 and 2) before the kexec. After it, ``l1tool luo-retrieve`` takes them back for the new QEMU."""

@@ -1,4 +1,4 @@
-"""CI pipelines rendered from a matrix file (DESIGN §8): GitLab CI and GitHub Actions, one job per
+"""CI pipelines rendered from a matrix file (docs/design.md §8.4): GitLab CI and GitHub Actions, one job per
 cell, a job that warms the artifact cache first and a job that builds the conformance report last.
 
 A matrix file is YAML with an explicit list of cells. Each key of a cell is a `fastrestart run`

@@ -1,5 +1,5 @@
 """The conformance report: the results of many cells rendered to Markdown, HTML, an SVG chart of
-the restart phases, JUnit XML and one merged results.json (DESIGN §8).
+the restart phases, JUnit XML and one merged results.json (docs/design.md §8.3).
 
 Python builds a plain view of the results (`build_context`); the jinja2 templates in
 `harness/templates/` only print it. StrictUndefined turns a missing variable into an error at
@@ -26,7 +26,7 @@ from harness.errors import UsageError
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_TITLE = "fastrestart conformance"
 MODES = ("ignore-shared", "cpr-reboot", "cpr-transfer", "cpr-exec", "luo")
-"""Restart modes in the order the report shows them (DESIGN §6); others follow, sorted."""
+"""Restart modes in the order the report shows them (docs/design.md §6); others follow, sorted."""
 OUTSIDE_DOWNTIME = ("prepare", "verify")
 """Phases before the save and after the resume: timed, but not part of the guest's downtime."""
 

@@ -29,10 +29,10 @@ VERDICTS = (PASS, FAIL, ERROR, UNSUPPORTED)
 CHECK_VERDICTS = (PASS, FAIL, UNSUPPORTED, NOT_RUN)
 """Verdicts of one check inside a cell. NOT_RUN is never counted as a pass."""
 CHECKS = ("liveness", "memory", "dma", "interrupts")
-"""The checks every report shows, in this order (DESIGN §7)."""
+"""The checks every report shows, in this order (docs/design.md §7)."""
 PHASES = ("prepare", "save", "record", "kexec", "boot", "reserve", "enumerate", "reload", "restore",
           "resume", "verify")
-"""The flow's steps in order (DESIGN §5). A mode may skip some or add its own."""
+"""The flow's steps in order (docs/design.md §5). A mode may skip some or add its own."""
 
 EXIT_CODES = {PASS: 0, FAIL: 1, ERROR: 3, UNSUPPORTED: 4}
 REQUIRED_KEYS = ("schema", "cell", "verdict", "mode", "accel", "params", "phases", "checks")
@@ -326,3 +326,25 @@ def write_junit(results: list[dict], path: Path, suite: str) -> None:
     with tmp.open("a", encoding="utf-8") as handle:
         handle.write("\n")
     os.replace(tmp, path)
+
+
+def results_dir_size(run_dir: Path) -> int:
+    """Bytes in the regular files under `run_dir`, at any depth: their apparent sizes (a sparse
+    file counts in full), symlinks not followed. 0 when `run_dir` does not exist; a file that
+    vanishes while it is counted is skipped."""
+    total = 0
+    pending = [Path(run_dir)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+    return total

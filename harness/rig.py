@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .guest import (
     start_command,
 )
 from .machine import Machine
+from .paths import cache_dir
 
 MIB = 1 << 20
 SECTION_MIB = 128  # memory hotplug section: PMEM regions are aligned to it
@@ -135,6 +137,7 @@ class RigConfig:
     l1_cpus: int = 2
     firmware: str = "seabios"  # L1's firmware: seabios (QEMU's default) | ovmf (UEFI, Debian's ovmf package)
     state_extra_mib: int = 0  # more room in the state region (the bench copies RAM there on some cycles)
+    keep_images: bool = False  # keep boot.img (L1's and L2's kernels and initrds, ~100 MB) in the run directory
 
     def __post_init__(self) -> None:
         if "nvme" in self.devices and self.l2_mem_mib < images.L2_MIN_MIB_WITH_FIO:
@@ -201,7 +204,7 @@ def l0_qemu(spec: str | None) -> tuple[list[str], str]:
     """The L0 QEMU command prefix and its version: the system's, or one from a Debian suite.
 
     ``auto`` (the default) takes the system QEMU when it is 9.0 or newer, else trixie's: QEMU 7.2's
-    edu kills the VM on a 4 KiB DMA (DESIGN §9), and its multi-threaded TCG was seen to crash L1
+    edu kills the VM on a 4 KiB DMA (docs/design.md §9), and its multi-threaded TCG was seen to crash L1
     while the kernel patched its own text at boot (an int3 oops in sched_clock_cpu).
     """
     if spec in (None, "", "auto"):
@@ -254,6 +257,7 @@ class Rig:
         self.timings: dict[str, float] = {}
         self.extra_cmdline: list[str] = []  # L1 kernel parameters a restart mode needs (luo: kho=on ...)
         self.l1_tsc_khz: int | None = None  # under TCG: L1's first TSC calibration, kept for every kexec
+        self.scratch: Path | None = None  # per-run disk images outside the results (see image_dir)
 
     def _device(self, name: str) -> PassthroughDevice:
         if name not in DEVICE_CLASSES:
@@ -298,10 +302,33 @@ class Rig:
             args += part.args()
         return args
 
+    def image_dir(self) -> Path:
+        """Where this run's disk images go. With ``keep_images``, the run directory; otherwise a
+        scratch directory outside the results, under the cache (so that the cached kernels and
+        initrds can be hard-linked into the image's staging tree), which ``close()`` removes:
+        a result directory stays small even when its run is killed before ``close()``."""
+        if self.config.keep_images:
+            return self.run_dir
+        if self.scratch is None:
+            root = cache_dir() / "scratch"
+            root.mkdir(parents=True, exist_ok=True)
+            self.scratch = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+        return self.scratch
+
+    def boot_disk(self) -> Path:
+        """``boot.img``: the kernels and initrds L1 kexecs into and starts L2 with (~100 MB)."""
+        return images.boot_disk(self.image_dir(), self.artifacts.boot_files())
+
+    def remove_scratch(self) -> None:
+        """Remove the scratch directory of ``image_dir`` (never the run directory); never raises."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
     def boot_l1(self, timeout: float = BOOT_DEADLINE_S) -> dict:
         """Start L1 and wait for its init; returns boot facts."""
         self.artifacts = self.artifacts or prepare_artifacts(self.config)
-        boot_img = images.boot_disk(self.run_dir, self.artifacts.boot_files())
+        boot_img = self.boot_disk()
         for device in self.devices:
             if getattr(device, "backing", None) is not None and not device.backing.exists():
                 with device.backing.open("wb") as scratch:
@@ -553,6 +580,7 @@ class Rig:
             self.l2.close()
         if self.l1:
             self.l1.shutdown()
+        self.remove_scratch()  # boot.img, unless keep_images put it in the run directory
         with contextlib.suppress(OSError):
             for device in self.devices:
                 if getattr(device, "backing", None) is not None:

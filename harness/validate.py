@@ -1,4 +1,4 @@
-"""`fastrestart validate`: the same cells on a base and a patched kernel, and the verdict diff (DESIGN §8).
+"""`fastrestart validate`: the same cells on a base and a patched kernel, and the verdict diff (docs/design.md §8.5).
 
 Each side is an ordinary `fastrestart matrix` run (`harness.matrix.run_matrix`: isolated cell
 processes, one retry after an ERROR, a conformance report per side) of the matrix with every

@@ -921,7 +921,7 @@ static void irq_unmask(void)
 {
 	if (g.backend == BK_UIO) {
 		if (g.naive_unmask) {
-			/* The DESIGN §9 naive loop: uio_pci_generic has no irqcontrol,
+			/* The naive loop of docs/design.md §9: uio_pci_generic has no irqcontrol,
 			 * so this write fails (ENOSYS) and INTx stays disabled. */
 			int32_t one = 1;
 			static bool logged;

@@ -13,7 +13,7 @@ with pexpect, and shows that:
 * a completed payload corrupted after it landed is caught, both when the
   daemon flips a byte (``selftest-corrupt``) and when the guest's RAM backing
   file is written from the host at the reported guest-physical address;
-* the DESIGN §9 "1 of 5 INTx" finding is the uio unmask done through
+* the docs/design.md §9 "1 of 5 INTx" finding is the uio unmask done through
   ``write(/dev/uioN, 1)``: uio_pci_generic has no irqcontrol (ENOSYS), so INTx
   stays disabled after the first interrupt;
 * a guest suspend to RAM and QMP ``system_wakeup`` (what the fast-restart
@@ -705,7 +705,7 @@ class TestUio:
         assert rc == 2 and "4095" in out
 
     def test_naive_uio_unmask_reproduces_one_interrupt(self, uio_vm: GuestVM) -> None:
-        """DESIGN §9: 'received 1 of 5'. The unmask via /dev/uioN is a no-op."""
+        """docs/design.md §9: 'received 1 of 5'. The unmask via /dev/uioN is a no-op."""
         e = Edutest(uio_vm, "naive")
         e.start("--irq", "intx", "--naive-unmask", "--irq-timeout-ms", "300")
         e.wait("irq_lost", 4, timeout=60)

@@ -1,4 +1,4 @@
-"""The L1 kernel built from Debian's linux-source-7.2 with the rig's fragments (DESIGN §8, §10).
+"""The L1 kernel built from Debian's linux-source-7.2 with the rig's fragments (docs/design.md §3.5, §10).
 
 The build takes 20–40 minutes on 2 cores, so these tests never start it: they use the cached build
 and skip, naming the command that makes it, when it is not there. The `--mode luo` test on this
