@@ -41,8 +41,24 @@ MEMCHECK_RESULT_KEYS = frozenset({"pages_checked", "bad_pages", "writer_writes",
                                   "verify_seconds", "verify_mib_per_s", "fill_mib_per_s", "first_bad"})
 BLKCHECK_READY_KEYS = frozenset({"blocks", "mib", "bs", "direct", "write_mib_per_s", "pid"})
 BLKCHECK_RESULT_KEYS = frozenset({"blocks_checked", "bad_blocks", "ios_submitted", "ios_completed",
-                                  "io_errors", "first_bad", "verify_seconds", "direct"})
+                                  "io_errors", "loop_reads", "loop_writes", "first_bad", "verify_seconds", "direct"})
 BLKCHECK_STATS_KEYS = frozenset({"ios_submitted", "ios_completed", "io_errors", "loop_reads", "loop_writes"})
+# edutest prints JSON from `start` (edutest.c: write_ready) and `verify` (json_counters + write_result).
+# Its result's "pass" is not required here: a result without it is the DMA check's FAIL (see
+# edutest_problems), as edutest itself exits 1 when it finds no "pass":true.
+EDUTEST_READY_KEYS = frozenset({"bdf", "backend", "irq", "slots", "size", "pid"})
+EDUTEST_RESULT_KEYS = frozenset({"bdf", "backend", "irq", "transfers", "dma_mismatches", "dma_timeouts", "bme_lost",
+                                 "irq_expected", "irq_received", "irq_lost", "irq_spurious", "irq_pm_replays",
+                                 "dma_done_irqs", "raised_irqs", "suspends_seen", "first_mismatch", "stopped_by"})
+# Keys whose value must be a count (an integer >= 0): the verdicts compare them, so a null or a
+# string there must never reach them (None == None would pass).
+COUNT_KEYS = {
+    ("memcheck", "result"): frozenset({"pages_checked", "bad_pages", "writer_writes", "writer_mismatches"}),
+    ("blkcheck", "result"): frozenset({"blocks_checked", "bad_blocks", "ios_submitted", "ios_completed", "io_errors",
+                                       "loop_reads", "loop_writes"}),
+    ("blkcheck", "stats"): BLKCHECK_STATS_KEYS,
+    ("edutest", "result"): EDUTEST_RESULT_KEYS - {"bdf", "backend", "irq", "first_mismatch", "stopped_by"},
+}
 
 
 def source(name: str) -> Path:
@@ -111,12 +127,15 @@ def build_all(out_dir: Path, *, cc: str = "gcc") -> dict[str, Path]:
 
 # -- output parsers -------------------------------------------------------------------------
 
-def _parse_json(program: str, text: str, kinds: dict[str, frozenset[str]]) -> dict:
-    """Parse one JSON object printed by ``program`` and check it is one of ``kinds``.
+def _parse_json(program: str, text: str, kinds: dict[str, frozenset[str]], kind: str | None = None) -> dict:
+    """Parse one JSON object printed by ``program`` and check it is one of ``kinds`` (only
+    ``kind``, when given), with a count wherever ``COUNT_KEYS`` wants one.
 
-    The kind that matched is stored under ``"kind"``. Malformed output is a StepError: the
-    workload, not the product, misbehaved, so the run is an ERROR.
+    The kind that matched is stored under ``"kind"``. Malformed output is a StepError: no
+    verdict is ever computed from it.
     """
+    if kind is not None:
+        kinds = {kind: kinds[kind]}
     try:
         data = json.loads(text.strip())
     except json.JSONDecodeError as exc:
@@ -125,24 +144,54 @@ def _parse_json(program: str, text: str, kinds: dict[str, frozenset[str]]) -> di
     if not isinstance(data, dict):
         raise StepError(f"parse-{program}", f"{program} printed JSON that is not an object",
                         {"output": text[-2000:]})
-    for kind, keys in kinds.items():
+    for name, keys in kinds.items():
         if keys <= data.keys():
-            data["kind"] = kind
-            return data
-    missing = {kind: sorted(keys - data.keys()) for kind, keys in kinds.items()}
-    raise StepError(f"parse-{program}", f"{program} output lacks expected keys: {missing}",
-                    {"output": text[-2000:]})
+            data["kind"] = name
+            break
+    else:
+        missing = {name: sorted(keys - data.keys()) for name, keys in kinds.items()}
+        raise StepError(f"parse-{program}", f"{program} output lacks expected keys: {missing}",
+                        {"output": text[-2000:]})
+    bad = {key: data[key] for key in sorted(COUNT_KEYS.get((program, data["kind"]), ()))
+           if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0}
+    if bad:
+        raise StepError(f"parse-{program}", f"{program} printed values that are not counts: {bad}",
+                        {"output": text[-2000:]})
+    return data
 
 
-def parse_memcheck(text: str) -> dict:
-    """Parse ``memcheck start`` (kind "ready") or ``memcheck verify`` (kind "result") output."""
-    return _parse_json("memcheck", text, {"result": MEMCHECK_RESULT_KEYS, "ready": MEMCHECK_READY_KEYS})
+def parse_memcheck(text: str, kind: str | None = None) -> dict:
+    """Parse ``memcheck start`` (kind "ready") or ``memcheck verify`` (kind "result") output;
+    ``kind`` accepts only that one."""
+    return _parse_json("memcheck", text, {"result": MEMCHECK_RESULT_KEYS, "ready": MEMCHECK_READY_KEYS}, kind)
 
 
-def parse_blkcheck(text: str) -> dict:
-    """Parse ``blkcheck start`` ("ready"), ``blkcheck verify`` ("result") or ``status`` ("stats")."""
+def parse_blkcheck(text: str, kind: str | None = None) -> dict:
+    """Parse ``blkcheck start`` ("ready"), ``blkcheck verify`` ("result") or ``status`` ("stats");
+    ``kind`` accepts only that one."""
     return _parse_json("blkcheck", text, {"result": BLKCHECK_RESULT_KEYS, "ready": BLKCHECK_READY_KEYS,
-                                          "stats": BLKCHECK_STATS_KEYS})
+                                          "stats": BLKCHECK_STATS_KEYS}, kind)
+
+
+def parse_edutest(text: str, kind: str | None = None) -> dict:
+    """Parse ``edutest start`` ("ready") or ``edutest verify`` ("result") output; ``kind`` accepts
+    only that one. A result's "pass", when present, must be true or false."""
+    data = _parse_json("edutest", text, {"result": EDUTEST_RESULT_KEYS, "ready": EDUTEST_READY_KEYS}, kind)
+    if data["kind"] == "result" and "pass" in data and not isinstance(data["pass"], bool):
+        raise StepError("parse-edutest", f"edutest printed \"pass\": {data['pass']!r}, not true or false",
+                        {"output": text[-2000:]})
+    return data
+
+
+PARSERS = {"memcheck": parse_memcheck, "blkcheck": parse_blkcheck, "edutest": parse_edutest}
+
+
+def parse_output(program: str, text: str, kind: str | None = None) -> dict:
+    """The JSON line that ``program`` printed, through its validating parser."""
+    if program not in PARSERS:
+        raise StepError(f"parse-{program}", f"the harness has no parser for {program}'s output",
+                        {"output": text[-2000:]})
+    return PARSERS[program](text, kind)
 
 
 def parse_l1tool(text: str) -> dict[str, int | float | str]:
@@ -168,6 +217,84 @@ def parse_l1tool(text: str) -> dict[str, int | float | str]:
     if not result:
         raise StepError("parse-l1tool", "l1tool printed no key=value line", {"output": text})
     return result
+
+
+# -- exit statuses ----------------------------------------------------------------------------
+# What each workload's `verify` exit status means, from its C source, so that the checks can tell
+# an exit status the printed counts explain from one they do not (a result plus exit status is
+# recorded under "exit_status"; a result without one is not cross-checked).
+
+def _require(program: str, result: dict, keys: tuple[str, ...]) -> None:
+    """The parsers guarantee these counts; a result that bypassed them is a StepError, never a
+    KeyError and never a comparison of None with None."""
+    bad = [k for k in keys if not isinstance(result.get(k), int) or isinstance(result.get(k), bool)]
+    if bad:
+        raise StepError("verify", f"{program}'s result lacks the counts {bad}",
+                        {"result": {k: v for k, v in result.items() if k != "fio"}})
+
+
+def edutest_pass(result: dict) -> bool:
+    """edutest's own verdict, as result_pass() in edutest.c computes it: no DMA mismatch, Bus
+    Master Enable never lost, every interrupt it waited for arrived."""
+    _require("edutest", result, ("dma_mismatches", "bme_lost", "irq_expected", "irq_received"))
+    return (result["dma_mismatches"] == 0 and result["bme_lost"] == 0
+            and result["irq_expected"] == result["irq_received"])
+
+
+def edutest_problems(result: dict) -> list[str]:
+    """edutest verify prints its result and exits 0 if it holds "pass":true, else 1 (2: usage
+    error or no result, with nothing on stdout). Its "pass", its exit status and its counts must
+    agree: a disagreement, or a "pass": false that its counts do not explain, is named here."""
+    if "exit_status" not in result and "pass" not in result:
+        return []
+    rc, passed = result.get("exit_status"), result.get("pass")
+    if not isinstance(passed, bool):
+        return [f"edu: edutest verify printed no \"pass\" verdict (exit {rc})"]
+    problems = []
+    said = "true" if passed else "false"
+    if rc is not None and rc != (0 if passed else 1):
+        problems.append(f"edu: edutest verify says \"pass\": {said} but exited {rc}")
+    if passed != edutest_pass(result):
+        if passed:
+            problems.append(f"edu: edutest verify says \"pass\": true although it counts {result['dma_mismatches']} "
+                            f"DMA mismatch(es), {result['bme_lost']} Bus Master Enable loss(es) and "
+                            f"{result['irq_received']} of {result['irq_expected']} interrupts")
+        else:
+            problems.append(f"edu: edutest verify says \"pass\": false (exit {rc}) with no DMA mismatch, no Bus "
+                            f"Master Enable loss and {result['irq_received']} of {result['irq_expected']} interrupts: "
+                            f"nothing the harness checks explains it")
+    return problems
+
+
+def memcheck_problems(result: dict) -> list[str]:
+    """memcheck verify exits 1 exactly when its result has bad pages (0 otherwise; 2 with no
+    result). Any other exit status with this result is named here."""
+    if "exit_status" not in result:
+        return []
+    _require("memcheck", result, ("bad_pages",))
+    rc, expected = result["exit_status"], 1 if result["bad_pages"] else 0
+    if rc == expected:
+        return []
+    return [f"memcheck verify exited {rc}, but with {result['bad_pages']} bad page(s) it exits {expected}"]
+
+
+def blkcheck_problems(result: dict) -> list[str]:
+    """blkcheck verify exits 1 exactly when its result has bad blocks, I/O errors or fewer I/Os
+    completed than submitted (0 otherwise; 2 with no result). Named here: an exit status its
+    result does not give, and an exit 1 that no bad block and no I/O error explain (its I/Os
+    are synchronous, so submitted and completed differ only by the errors)."""
+    if "exit_status" not in result:
+        return []
+    _require("blkcheck", result, ("bad_blocks", "io_errors", "ios_submitted", "ios_completed"))
+    rc, bad, errors = result["exit_status"], result["bad_blocks"], result["io_errors"]
+    counts = (f"{bad} bad block(s), {errors} I/O error(s), {result['ios_completed']} of "
+              f"{result['ios_submitted']} I/Os completed")
+    expected = 1 if bad or errors or result["ios_submitted"] != result["ios_completed"] else 0
+    if rc != expected:
+        return [f"nvme: blkcheck verify exited {rc}, but with {counts} it exits {expected}"]
+    if rc and not bad and not errors:
+        return [f"nvme: blkcheck verify exited {rc} with {counts}"]
+    return []
 
 
 # -- fio -----------------------------------------------------------------------------------
@@ -199,13 +326,13 @@ def parse_fio(text: str) -> dict:
     """The figures the checks use from fio's JSON output (which may follow a line such as
     "fio: terminating on signal 15"): the job's error, verify errors, I/Os and KiB each way."""
     start = text.find("{")
-    try:
-        job = json.loads(text[start:])["jobs"][0] if start >= 0 else None
-    except (json.JSONDecodeError, KeyError, IndexError) as exc:
-        raise StepError("parse-fio", f"fio printed no valid JSON: {exc}", {"output": text[-2000:]}) from exc
-    if job is None:
+    if start < 0:
         raise StepError("parse-fio", "fio printed no JSON", {"output": text[-2000:]})
-    return {"job": job["jobname"], "error": job["error"], "verify_errors": job.get("total_err", 0),
-            "reads": job["read"]["total_ios"], "read_kib": job["read"]["io_kbytes"],
-            "writes": job["write"]["total_ios"], "write_kib": job["write"]["io_kbytes"],
-            "seconds": job["elapsed"]}
+    try:
+        job = json.loads(text[start:])["jobs"][0]
+        return {"job": job["jobname"], "error": job["error"], "verify_errors": job.get("total_err", 0),
+                "reads": job["read"]["total_ios"], "read_kib": job["read"]["io_kbytes"],
+                "writes": job["write"]["total_ios"], "write_kib": job["write"]["io_kbytes"],
+                "seconds": job["elapsed"]}
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise StepError("parse-fio", f"fio printed no valid JSON: {exc!r}", {"output": text[-2000:]}) from exc

@@ -130,3 +130,7 @@ def test_a_writer_that_never_exits_is_an_interrupts_fail():
 def test_parse_fio_names_what_it_could_not_read():
     with pytest.raises(StepError, match="fio printed no"):
         workloads.parse_fio("fio: terminating on signal 15\n")
+    with pytest.raises(StepError, match="fio printed no valid JSON"):  # a job without its figures
+        workloads.parse_fio('{"jobs": [{"jobname": "across", "error": 0}]}')
+    with pytest.raises(StepError, match="fio printed no valid JSON"):
+        workloads.parse_fio('{"jobs": [{"jobname": "across", "error": 0, "elapsed": 1, "read": null}]}')

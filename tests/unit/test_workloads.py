@@ -170,8 +170,10 @@ def mc_start(bins, d: Path, daemons: list, mib: int = 16, seed: int = 1234, hz: 
 def mc_verify(bins, d: Path) -> tuple[int, dict]:
     proc = run(bins["memcheck"], "verify", "--dir", d, "--timeout", 20)
     assert proc.returncode in (0, 1), proc.stderr
-    result = workloads.parse_memcheck(proc.stdout)
+    result = workloads.parse_memcheck(proc.stdout, "result")
     assert result["kind"] == "result"
+    # The harness's reading of memcheck's exit status (checks.memory_verdict) matches the binary.
+    assert workloads.memcheck_problems({**result, "exit_status": proc.returncode}) == []
     return proc.returncode, result
 
 
@@ -495,8 +497,10 @@ def bc_start(bins, d: Path, daemons: list, mib: int = 8, iops: int | None = None
 def bc_verify(bins, d: Path) -> tuple[int, dict]:
     proc = run(bins["blkcheck"], "verify", "--dir", d, "--timeout", 20)
     assert proc.returncode in (0, 1), proc.stderr
-    result = workloads.parse_blkcheck(proc.stdout)
+    result = workloads.parse_blkcheck(proc.stdout, "result")
     assert result["kind"] == "result"
+    # The harness's reading of blkcheck's exit status (checks.dma_verdict) matches the binary.
+    assert workloads.blkcheck_problems({**result, "exit_status": proc.returncode}) == []
     return proc.returncode, result
 
 
@@ -588,6 +592,12 @@ def test_parsers_reject_garbage():
         workloads.parse_memcheck("Segmentation fault")
     with pytest.raises(StepError, match="lacks expected keys"):
         workloads.parse_blkcheck('{"blocks": 1}')
+    with pytest.raises(StepError, match="not counts"):
+        workloads.parse_memcheck('{"pages_checked": 3, "bad_pages": null, "writer_writes": 0, "writer_mismatches": 0, '
+                                 '"verify_seconds": 0.1, "verify_mib_per_s": 1, "fill_mib_per_s": 1, "first_bad": []}')
+    with pytest.raises(StepError, match="lacks expected keys"):  # a ready line where a result belongs
+        workloads.parse_blkcheck('{"pid": 1, "blocks": 8, "bs": 4096, "mib": 1, "direct": true, '
+                                 '"write_mib_per_s": 9.0}', "result")
     with pytest.raises(StepError):
         workloads.parse_l1tool("nothing here")
     assert workloads.parse_l1tool("digest=0012ab size=10 algo=xxh64 seconds=0.5\n") == {
