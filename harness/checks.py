@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import workloads
-from .errors import StepError
+from .errors import RigFault, StepError
 
 if TYPE_CHECKING:
     from .guest import L2
@@ -66,33 +66,48 @@ def _l2_monotonic(l2: L2) -> tuple[float, float]:
     sent = time.time()
     out = l2.console.check("head -3 /proc/timer_list | sed -n 's/^now at \\([0-9]*\\) nsecs/\\1/p'", step="liveness")
     back = time.time()
-    return (sent + back) / 2, int(out.strip()) / 1e9
+    return (sent + back) / 2, _number(out.strip(), int, "L2's CLOCK_MONOTONIC", out) / 1e9
+
+
+def _number(text: str, kind: type, what: str, output: str) -> int | float:
+    """A number read from a guest: output the restart may have garbled is a StepError (after the
+    save, the restart's FAIL), never a ValueError that would look like a bug of the harness."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise StepError("liveness", f"{what} came back unreadable: {text!r}", {"output": output[-500:]}) from None
 
 
 def liveness_reading(l2: L2, rig: Rig) -> dict:
     l0_time, monotonic = _l2_monotonic(l2)
-    out = l2.console.check("cat /proc/sys/kernel/random/boot_id /run/fr/counter; cut -d' ' -f1 /proc/uptime",
-                           step="liveness").split()
-    return {"l0_time": l0_time, "l2_monotonic": monotonic, "boot_id": out[0], "counter": int(out[1]),
-            "uptime": float(out[2]), "qemu_pid": l2.pid, "l1_boot_id": rig.l1_facts()["boot_id"]}
+    output = l2.console.check("cat /proc/sys/kernel/random/boot_id /run/fr/counter; cut -d' ' -f1 /proc/uptime",
+                              step="liveness")
+    out = output.split()
+    if len(out) != 3:
+        raise StepError("liveness", "L2's boot_id, counter and uptime came back unreadable", {"output": output})
+    return {"l0_time": l0_time, "l2_monotonic": monotonic, "boot_id": out[0],
+            "counter": _number(out[1], int, "L2's counter", output), "uptime": _number(out[2], float, "uptime", output),
+            "qemu_pid": l2.pid, "l1_boot_id": rig.l1_facts()["boot_id"]}
 
 
 def require_counting(earlier: dict | None, now: dict) -> None:
     """Before a save, L2's counter must have moved since an earlier reading. If it has not, the
     guest's timers are not running (seen under a loaded TCG L1) and a liveness FAIL after the
-    restart would blame the restart for it: that is the rig's ERROR, before anything is tested."""
+    restart would blame the restart for it: that is the rig's ERROR (RigFault, although the save
+    step has begun), before anything is tested."""
     if earlier is None or now["l0_time"] - earlier["l0_time"] < 1 or now["boot_id"] != earlier["boot_id"]:
         return
     if now["counter"] <= earlier["counter"]:
-        raise StepError("save", f"L2's counter has not moved for {now['l0_time'] - earlier['l0_time']:.1f} s "
-                                f"before the save (still {now['counter']}): the guest's timers are not running",
-                        {"earlier": earlier, "now": now})
+        raise RigFault(f"L2's counter has not moved for {now['l0_time'] - earlier['l0_time']:.1f} s before the "
+                       f"save (still {now['counter']}): the guest's timers are not running, before anything under "
+                       "test happened", {"earlier": earlier, "now": now}, step="save")
 
 
 def liveness(before: dict, after: dict, l2: L2, rig: Rig) -> dict:
     """Same guest (boot_id), still alive (counter carries on and keeps counting), no reboot."""
     time.sleep(0.5)
-    later = int(l2.console.check("cat /run/fr/counter", step="liveness").strip())
+    text = l2.console.check("cat /run/fr/counter", step="liveness").strip()
+    later = _number(text, int, "L2's counter", text)
     lag = (after["l0_time"] - before["l0_time"]) - (after["l2_monotonic"] - before["l2_monotonic"])
     evidence = {"boot_id_before": before["boot_id"], "boot_id_after": after["boot_id"],
                 "counter_before": before["counter"], "counter_after": after["counter"], "counter_later": later,

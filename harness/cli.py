@@ -17,7 +17,9 @@ from pathlib import Path
 
 from . import results
 from .errors import FastRestartError, UsageError
-from .machine import install_signal_handlers, kill_all_children
+from .faults import FAULTS
+from .machine import Terminated, install_signal_handlers, interruption, kill_all_children
+from .options import CHOICES, L1_QEMU_SUITES
 from .runner import Cell, doctor_facts, run_cell
 
 EXIT = {"PASS": 0, "FAIL": 1, "ERROR": 3, "UNSUPPORTED": 4}
@@ -48,16 +50,18 @@ def _cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default="debian:trixie", help="L1 kernel spec (default debian:trixie)")
     parser.add_argument("--to-kernel", help="kernel to kexec into (default: the same kernel)")
     parser.add_argument("--l2-kernel", default="debian:trixie", help="L2 guest kernel spec")
-    parser.add_argument("--l1-qemu", default="trixie", help="QEMU in L1: bookworm (7.2), trixie (10.0), sid (11.x)")
-    parser.add_argument("--l0-qemu",
-                        help="QEMU on L0: auto (default: system if >= 9.0, else trixie), system, trixie or sid")
-    parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator for L1 (default: detect)")
+    parser.add_argument("--l1-qemu", default="trixie", choices=CHOICES["l1_qemu"],
+                        help="QEMU in L1: " + ", ".join(f"{k} ({v})" for k, v in L1_QEMU_SUITES.items()))
+    parser.add_argument("--l0-qemu", choices=CHOICES["l0_qemu"],
+                        help="QEMU on L0 (default auto: the system's if >= 9.0, else trixie's)")
+    parser.add_argument("--accel", choices=CHOICES["accel"], help="accelerator for L1 (default: detect)")
     parser.add_argument("--devices", default="edu,nvme", help="assigned devices, comma separated, or 'none'")
     parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
-    parser.add_argument("--ram-backend", default="auto", choices=["auto", "devdax", "fsdax"])
+    parser.add_argument("--ram-backend", default="auto", choices=CHOICES["ram_backend"],
+                        help="where L2's RAM lives in L1's PMEM (default auto: devdax with devices, else fsdax)")
     parser.add_argument("--l2-iommu", action="store_true",
                         help="give L2 an intel-iommu: edu then runs on vfio-pci in L2")
-    parser.add_argument("--edu-irq", default="auto", choices=["auto", "msi", "intx"],
+    parser.add_argument("--edu-irq", default="auto", choices=CHOICES["edu_irq"],
                         help="edu's interrupts in L2 (default auto: MSI through our edu_uio module, built for "
                              "the L2 kernel; INTx through uio_pci_generic if it cannot be built)")
 
@@ -71,7 +75,7 @@ def _cell_from(args: argparse.Namespace, **extra) -> Cell:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cell = _cell_from(args, mode=args.mode, cycles=args.cycles, inject=args.inject,
-                      shared_ram=not args.no_shared_ram, mem_check_mib=args.mem_check)
+                      shared_ram=not args.no_shared_ram, mem_check_mib=args.mem_check, keep_images=args.keep_images)
     run_dir = Path(args.results or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
     progress = Progress(cell.label())
     result = run_cell(cell, run_dir, progress)
@@ -96,7 +100,9 @@ def print_summary(result: dict, run_dir: Path) -> None:
     if result.get("error"):
         print(f"  error in step {result['error']['step']}:\n    " +
               str(result["error"]["message"]).replace("\n", "\n    ")[:3000])
-    print(f"  results: {run_dir}/result.json  logs: {run_dir}/logs/")
+    size = result.get("results_size_bytes")
+    print(f"  results: {run_dir}/result.json  logs: {run_dir}/logs/"
+          + (f"  ({size / 1e6:.1f} MB in all)" if size is not None else ""))
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -301,18 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one fast-restart cell and report every phase")
     _cell_arguments(run)
-    run.add_argument("--mode", default="auto", help="auto, ignore-shared, cpr-reboot, cpr-transfer, hotplug, luo")
-    run.add_argument("--cycles", type=int, default=1)
-    run.add_argument("--inject", help="mem-flip, mem-lost, dma-corrupt, irq-drop")
+    run.add_argument("--mode", default="auto", choices=CHOICES["mode"], help="the restart mode (default auto)")
+    run.add_argument("--cycles", type=at_least_one, default=1, help="restarts in a row on one rig (default 1)")
+    run.add_argument("--inject", choices=CHOICES["inject"],
+                     help="a fault that its check must catch: " + "; ".join(
+                         f"{f.name} ({f.check})" for f in FAULTS.values()))
     run.add_argument("--no-shared-ram", action="store_true", help="copy RAM into the state file (for comparison)")
+    run.add_argument("--keep-images", action="store_true",
+                     help="keep L1's boot disk (kernels, initrds; about 100 MB) in the result directory")
     run.add_argument("--mem-check", type=int, help="MiB of L2 RAM the memory check fills (default: most of it)")
     run.add_argument("--results", help="result directory (default ./results/<timestamp>)")
     run.set_defaults(func=cmd_run)
 
     soak = sub.add_parser("soak", help="clean runs of many cycles; reports false positives (not run in CI)")
     _cell_arguments(soak)
-    soak.add_argument("--cycles", type=int, default=20)
-    soak.add_argument("--runs", type=int, default=1)
+    soak.add_argument("--cycles", type=at_least_one, default=20, help="restarts per run (default 20)")
+    soak.add_argument("--runs", type=at_least_one, default=1, help="runs, each on a fresh rig (default 1)")
     soak.add_argument("--results")
     soak.set_defaults(func=cmd_soak)
 
@@ -399,6 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (a run without a restart proves nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_signal_handlers()
@@ -410,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     except FastRestartError as exc:
         print(f"fastrestart: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("\nfastrestart: interrupted; every VM was stopped, logs are kept.", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        what, code = interruption(exc)
+        print(f"\nfastrestart: interrupted by {what}; every VM was stopped, the result says ERROR, logs are kept.",
+              file=sys.stderr)
+        return code
     finally:
         kill_all_children()
 

@@ -64,6 +64,25 @@ class StepError(FastRestartError):
         return "\n".join(lines)
 
 
+class RigFault(FastRestartError):
+    """A failure shown to be the rig's (L0's), not the system under test's: L0's QEMU died or
+    asserted, a host resource ran out, or a transport stall proven by a layer that still answers.
+
+    It is the only ERROR that may be retried (by the matrix, once; by the test suite, once), and
+    only because the evidence names the rig.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, evidence: dict | None = None, step: str = ""):
+        super().__init__(message)
+        self.message, self.evidence, self.step = message, evidence or {}, step
+
+
+class ReservationMissing(StepError):
+    """The new kernel has no PMEM region where the memmap= reservation put it: L2's RAM is gone."""
+
+
 class ConsoleTimeout(FastRestartError):
     """A console wait passed its deadline."""
 

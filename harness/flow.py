@@ -3,8 +3,12 @@
     prepare → [ save → record → kexec → boot → reserve → enumerate → reload → restore → resume ] × cycles → verify
 
 Every step is a method decorated with ``@step``: it is timed, it leaves its evidence in the
-result and in ``flow.log``, and a failure inside it becomes a StepError that names it. A mode
-without a host restart (cpr-transfer) skips kexec to reload.
+result and in ``flow.log``, and a failure inside it names it. A mode without a host restart
+(cpr-transfer) skips kexec to reload.
+
+From the moment ``save`` starts, the system under test is in play: whatever fails from then on is
+the restart's FAIL unless the rig is proven at fault (runner.attribute decides, from the step
+recorded here and the evidence).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checks, faults
-from .errors import CheckFailed, ConsoleTimeout, FastRestartError, StepError
+from .errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, RigFault, StepError
 from .guest import DEAD_RUNSTATES, L2
 from .modes import Mode
 from .probes import QemuCaps
@@ -45,6 +49,8 @@ def step(name: str) -> Callable:
     def decorate(method: Callable) -> Callable:
         @functools.wraps(method)
         def wrapper(self: Flow, *args, **kwargs):
+            self.current_step = name
+            self.restart_begun = self.restart_begun or name == "save"
             self.progress(name)
             started = time.monotonic()
             try:
@@ -56,10 +62,8 @@ def step(name: str) -> Callable:
                 raise
             except ConsoleTimeout as exc:
                 raise StepError(name, str(exc)) from exc
-            except FastRestartError:
-                raise
-            except Exception as exc:
-                raise StepError(name, f"{type(exc).__name__}: {exc}") from exc
+            # Anything else propagates as it is: a GuestPanic or CheckFailed keeps its meaning, and
+            # a Python error is the harness's own (an ERROR with its traceback, never a FAIL).
             finally:
                 elapsed = time.monotonic() - started
                 phases = self.cycle_record.setdefault("phases", {})
@@ -98,6 +102,10 @@ class Flow:
         self.findings: dict[str, dict] = {}
         self.pci_commands_before: dict[str, int] = {}
         self.mode_state: dict = {}  # what the mode keeps between its steps (luo: the helper's fds)
+        self.fault = faults.fault(options.inject)
+        self.current_step = "prepare"
+        self.restart_begun = False  # set when `save` starts: from then on a failure is the restart's
+        self.cycles_completed = 0
         # A mode may need L1 kernel parameters on every boot, and its own home for L2's RAM.
         rig.extra_cmdline = list(mode.kernel_cmdline)
         if mode.ram_backend:
@@ -157,23 +165,54 @@ class Flow:
         event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
         return {"suspended_at": event.received}
 
-    def fail_if_guest_died(self, exc: Exception) -> None:
-        """A guest that stopped answering because its QEMU stopped it is a FAIL of the system under
-        test (e.g. KVM_RUN failing after a hand-over), not a broken rig."""
+    def judge_l2_silence(self, exc: Exception) -> None:
+        """L2 stopped answering after the restart. That is the restart's FAIL (liveness), named by
+        what L1 sees, unless the rig's own transport is proven at fault: L1 answers, L2's QEMU runs
+        and the guest answers on a new console connection while the old one stays silent."""
+        step = self.current_step
+        l1_answers = self.rig.sh.run("true", timeout=20, step=step)[0] == 0
+        if not l1_answers:
+            raise CheckFailed("liveness", f"L1 stopped answering after the restart (step {step})",
+                              {"step": step, "console": str(exc)[:500]}) from exc
         try:
             status = self.l2.qmp.cmd("query-status", step="liveness", timeout=10)["status"]
         except StepError:
             status = "unknown (QMP gone)"
-        if status in DEAD_RUNSTATES or status.startswith("unknown"):
-            # The lines that say what happened, not the register dump QEMU prints after them.
-            _, qemu_log = self.rig.sh.run(f"grep -iE 'error|fail|warning' {self.l2.log_path} | tail -5 | cut -c1-300")
-            # What L1 saw happen to the devices meanwhile is often the cause: say it here, since
-            # the checks that would report it can no longer run.
-            seen_in_l1 = [finding for found in self.findings.values() for finding in found.values()
-                          if isinstance(finding, str)]
-            reason = "; ".join([f"L2 stopped after the restart: its QEMU reports runstate {status}", *seen_in_l1])
-            evidence = {"console": str(exc)[:500], "l2 qemu log": qemu_log, "l1 findings": self.findings}
+        alive = self.rig.l2_qemu_alive(self.l2.pid)
+        # The lines that say what happened, not the register dump QEMU prints after them.
+        _, qemu_log = self.rig.sh.run(f"grep -iE 'error|fail|warning' {self.l2.log_path} | tail -5 | cut -c1-300")
+        # What L1 saw happen to the devices meanwhile is often the cause: say it here, since the
+        # checks that would report it can no longer run.
+        seen_in_l1 = [finding for found in self.findings.values() for finding in found.values()
+                      if isinstance(finding, str)]
+        evidence = {"step": step, "console": str(exc)[:500], "runstate": status, "l2 qemu alive": alive,
+                    "l2 qemu log": qemu_log, "l1 findings": self.findings}
+        if status in DEAD_RUNSTATES or not alive:
+            what = f"its QEMU reports runstate {status}" if alive else "its QEMU exited"
+            reason = "; ".join([f"L2 stopped after the restart: {what}", *seen_in_l1])
             raise CheckFailed("liveness", reason, evidence) from exc
+        if self.l2_console_is_stalled():
+            raise RigFault(f"L2's console forward stalled in step {step}: L1 answers, L2's QEMU runs ({status}) "
+                           "and the guest answers on a new connection", evidence, step=step) from exc
+        reason = "; ".join([f"L2 stopped answering after the restart (step {step}) while its QEMU reports "
+                            f"{status}", *seen_in_l1])
+        raise CheckFailed("liveness", reason, evidence) from exc
+
+    def l2_console_is_stalled(self) -> bool:
+        """True when L2's old console connection stays silent while a new one gets an answer: the
+        forward (L0 user-net → L1 → chardev) broke, not the guest."""
+        try:
+            self.l2.console.sync(timeout=10)
+            return False  # the old connection answers after all: the guest was slow, not the rig
+        except (StepError, ConsoleTimeout, GuestPanic):
+            pass
+        try:
+            self.l2.reconnect_console(self.rig.ports["console"][self.l2.ports])
+            self.l2.console_reconnects += 1
+            self.l2.console.sync(timeout=30)
+        except (StepError, ConsoleTimeout, GuestPanic, OSError):
+            return False
+        return True
 
     def unplug_vfio(self) -> list[str]:
         names = []
@@ -247,7 +286,7 @@ class Flow:
         self.readings["last"] = checks.liveness_reading(self.l2, self.rig)
         self.workloads = checks.Workloads(self.rig, self.options.mem_check_mib)
         self.workloads.start(self.l2)
-        if self.options.inject == "dma-corrupt" and "edu" in self.workloads.devices:
+        if self.fault is not None and self.fault.name == "dma-corrupt" and "edu" in self.workloads.devices:
             self.workloads.edu_slots = self.workloads.slot_gpas(self.l2, 64)
         mark("workloads")
         # The rig's own retries first: flow.log keeps only the head of long evidence.
@@ -276,14 +315,14 @@ class Flow:
         facts = {"record": record}
         if self.options.l1_digest and self.mode.restarts_host and self.ram_path:
             facts["ram_digest_before"] = faults.digest(self.rig, self.ram_path, self.rig.config.l2_mem_mib)
-        facts.update(faults.inject_after_save(self))
+        facts.update(faults.inject(self, "record"))
         return facts
 
     @step("kexec")
     def kexec(self) -> dict:
         sh = self.rig.sh
         sh.check("sync; umount /sysroot/mnt/state; umount /sysroot/mnt/ram 2>/dev/null; true", step="kexec")
-        append = self.rig.l1_cmdline(with_memmap=self.options.inject != "mem-lost")
+        append = self.rig.l1_cmdline(with_memmap=not (self.fault and self.fault.kexec_without_memmap))
         started = time.monotonic()
         flags = "".join(f" {flag}" for flag in self.mode.kexec_flags)
         sh.check(f"chroot /sysroot kexec{flags} -l /boot/to/vmlinuz --initrd=/boot/to/initrd --append='{append}'",
@@ -329,17 +368,16 @@ class Flow:
         return {**facts, "tsc_khz": self.rig.tsc_khz(),
                 "kexec_to_init_s": round(time.monotonic() - self.kexec_started, 3),
                 "first_line_to_init_s": round(at_init - first_line, 3),
-                "init_to_ready_s": round(at_ready - at_init, 3), "uptime_at_ready_s": float(ready.group(1))}
+                "init_to_ready_s": round(at_ready - at_init, 3), "uptime_at_ready_s": float(ready.group(1)),
+                **faults.inject(self, "boot")}
 
     @step("reserve")
     def reserve(self) -> dict:
         try:
             pmem = self.rig.setup_pmem(fresh=False)
-        except StepError as exc:
-            if self.options.inject == "mem-lost" or "reservation is missing" in exc.message:
-                raise CheckFailed("memory", "L2 RAM is gone: the new kernel has no PMEM region where it was",
-                                  {"reason": exc.message, **exc.evidence}) from exc
-            raise
+        except ReservationMissing as exc:  # the evidence decides, whatever was injected
+            raise CheckFailed("memory", "L2 RAM is gone: the new kernel has no PMEM region where it was",
+                              {"reason": exc.message, **exc.evidence}) from exc
         facts = {"pmem": pmem, **self.mode.reserve(self)}
         state = self.rig.sh.run(f"stat -L -c %s {self.mode.state_path(self)}")
         facts["state_file_bytes"] = state[1].strip() if state[0] == 0 else "missing"
@@ -371,7 +409,7 @@ class Flow:
 
     @step("restore")
     def restore(self) -> dict:
-        injected = faults.inject_before_restore(self)
+        injected = faults.inject(self, "restore")
         facts = self.mode.restore(self)
         facts.update(injected)
         if self.devices_stay_attached:
@@ -406,7 +444,7 @@ class Flow:
         try:
             facts = self.mode.resume(self)
         except StepError as exc:  # e.g. `cont` refused: "Resetting the Virtual Machine is required"
-            self.fail_if_guest_died(exc)
+            self.judge_l2_silence(exc)
             raise
         # A guest that was already running when L0 connected (cpr-transfer's autostart) sends no
         # RESUME that L0 could still see: waiting for one only costs 10 s of wall time.
@@ -422,16 +460,16 @@ class Flow:
         try:
             self.readings["after"] = checks.liveness_reading(self.l2, self.rig)
         except (StepError, ConsoleTimeout) as exc:
-            self.fail_if_guest_died(exc)
+            self.judge_l2_silence(exc)
             raise
-        # After the guest runs again: a guest's own resume would otherwise re-enable what we mask.
-        facts.update(faults.inject_after_resume(self))
+        facts.update(faults.inject(self, "resume"))
         return facts
 
     def end_cycle(self) -> None:
         liveness = checks.liveness(self.readings["before"], self.readings["after"], self.l2, self.rig)
         self.cycle_record["liveness"] = liveness
         self.readings["last"] = self.readings["after"]
+        self.cycles_completed += 1
         self.cycle_record["downtime_s"] = {
             "qmp": self.cycle_record["evidence"]["resume"]["downtime_qmp_s"],
             "guest": liveness["evidence"].get("guest_clock_lag_s")}
@@ -443,8 +481,8 @@ class Flow:
             return {"checks": self.workloads.verify(self.l2, self.findings, self.options.inject)}
         except (StepError, ConsoleTimeout) as exc:
             # The guest can die after it resumed (seen: "kvm run failed Bad address" minutes after a
-            # cpr-transfer hand-over): its QEMU's runstate decides between a FAIL and a broken rig.
-            self.fail_if_guest_died(exc)
+            # cpr-transfer hand-over).
+            self.judge_l2_silence(exc)
             raise
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,39 @@ def _die_with_parent() -> None:
 class Terminated(BaseException):
     """SIGTERM or SIGHUP: unwind like KeyboardInterrupt so that teardown and logs happen."""
 
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def interruption(exc: BaseException) -> tuple[str, int] | None:
+    """(what interrupted the run, the exit code a shell expects) for an exception that is an
+    interruption rather than a failure: Ctrl-C, SIGTERM/SIGHUP, a test runner's timeout. None for
+    anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT", 128 + signal.SIGINT
+    if isinstance(exc, Terminated):
+        return signal.Signals(exc.signum).name, 128 + exc.signum
+    if isinstance(exc, (Exception, GeneratorExit)):
+        return None
+    # pytest-timeout's Failed, SystemExit: a BaseException that is not an error of the run.
+    return f"{type(exc).__name__} ({str(exc).splitlines()[0] if str(exc) else 'no message'})", 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGHUP while the body runs (e.g. writing a verdict), so that a
+    second Ctrl-C cannot leave a half-written result; a held signal is delivered right after."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 def install_signal_handlers() -> None:
     """Turn SIGINT into KeyboardInterrupt and SIGTERM/SIGHUP into Terminated (idempotent).
@@ -45,7 +79,7 @@ def install_signal_handlers() -> None:
     """
 
     def handler(signum: int, _frame: object) -> None:
-        raise Terminated(f"received {signal.Signals(signum).name}")
+        raise Terminated(signum)
 
     with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
         signal.signal(signal.SIGINT, signal.default_int_handler)

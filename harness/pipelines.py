@@ -2,13 +2,14 @@
 cell, a job that warms the artifact cache first and a job that builds the conformance report last.
 
 A matrix file is YAML with an explicit list of cells. Each key of a cell is a `fastrestart run`
-option, except `name` (required, unique), `expect` (the verdict the cell should reach, e.g. FAIL
-for an injected fault) and `description`. An optional `defaults:` mapping applies to every cell:
+option, except `name` (required, unique), `expect` (the verdict the cell should reach; an expected
+FAIL names the check that must fail, e.g. FAIL:memory, and no other check may fail) and
+`description`. An optional `defaults:` mapping applies to every cell:
 
     defaults: {l2_mem: 256M}
     cells:
       - {name: trixie-cpr-reboot, kernel: debian:trixie, mode: cpr-reboot, devices: [edu, nvme]}
-      - {name: trixie-mem-flip, kernel: debian:trixie, inject: mem-flip, expect: FAIL}
+      - {name: trixie-mem-flip, kernel: debian:trixie, inject: mem-flip, expect: FAIL:memory}
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from harness import REPO
+from harness import REPO, options
 from harness.errors import UsageError
 from harness.report import environment
-from harness.results import VERDICTS
+from harness.results import CHECKS, parse_expect
 
 RUN_OPTIONS = ("kernel", "to_kernel", "l1_qemu", "mode", "devices", "l2_mem", "inject", "cycles",
                "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu",
@@ -55,12 +56,15 @@ def _check_cell(cell: object, where: str) -> dict:
         raise UsageError(f"{where}: 'name' must be letters, digits and . _ + - (it names jobs, "
                          f"artifacts and result directories), got {name!r}")
     expect = cell.get("expect")
-    if expect is not None and str(expect).upper() not in VERDICTS:
-        raise UsageError(f"{where}: expect {expect!r} is not one of {', '.join(VERDICTS)}")
-    for key in ("cycles", "mem_check"):
-        value = cell.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if expect is not None:
+        try:
+            verdict, check = parse_expect(str(expect))
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        if verdict == "FAIL" and check is None and not cell.get("inject"):
+            raise UsageError(f"{where}: expect FAIL must name the check that must fail, e.g. FAIL:dma "
+                             f"(checks: {', '.join(CHECKS)}); with inject:, the fault's own check is meant")
+    options.validate(cell, where)
     if cell.get("shared_ram") not in (None, True, False):
         raise UsageError(f"{where}: shared_ram must be true or false, got {cell['shared_ram']!r}")
     devices = cell.get("devices")

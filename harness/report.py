@@ -147,8 +147,8 @@ def _cell_view(result: dict, out_dir: Path) -> dict:
     effective, reason = res.effective_verdict(result)
     expect, raw = res.expectation(result), result["verdict"]
     label = LABELS.get(effective, effective)
-    if expect and raw == expect and effective != raw:
-        label = f"{raw} as expected"
+    if expect and res.met_expectation(result) and effective != raw:
+        label = f"{raw} as expected" + (f" ({expect.partition(':')[2]})" if ":" in expect else "")
     elif expect and effective != raw:
         label = f"{raw}, expected {expect}"
     downtime = result.get("downtime_s") or {}
@@ -331,7 +331,7 @@ def build_context(results: list[dict], out_dir: Path, title: str = DEFAULT_TITLE
 
     tally = res.counts(ordered)
     expecting = [r for r in ordered if res.expectation(r)]
-    met = sum(1 for r in expecting if r["verdict"] == res.expectation(r))
+    met = sum(1 for r in expecting if res.met_expectation(r))
     hosts = [r.get("host") or {} for r in ordered]
     summary = {
         "total": len(ordered),

@@ -124,22 +124,28 @@ def attempt_number(result: dict, run_dir: Path | None = None) -> int:
     return int(match.group(1)) if match else 1
 
 
+def is_rig_error(result: dict) -> bool:
+    """An ERROR whose evidence names the rig (L0) as the culprit: the only kind worth retrying."""
+    return result["verdict"] == ERROR and (result.get("error") or {}).get("kind") == "rig"
+
+
 def should_retry(attempts: list[dict]) -> bool:
-    """True when the latest attempt is an ERROR and the retry budget is not spent."""
-    return bool(attempts) and attempts[-1]["verdict"] == ERROR and len(attempts) < MAX_ATTEMPTS
+    """True when the latest attempt is a rig ERROR and the retry budget is not spent. A FAIL, an
+    interruption, bad usage or a harness error is never retried."""
+    return bool(attempts) and is_rig_error(attempts[-1]) and len(attempts) < MAX_ATTEMPTS
 
 
 def final_verdict(attempts: list[dict]) -> dict:
     """Apply the retry policy to the attempts of one cell, oldest first.
 
-    An ERROR is retried once and the retry is what counts; a FAIL is never retried, so anything
-    after a FAIL (or after the retry) is ignored. Returns a copy of the counted attempt with
+    A rig ERROR is retried once and the retry is what counts; nothing else is retried, so anything
+    after another verdict (or after the retry) is ignored. Returns a copy of the counted attempt with
     `attempts` (a summary of every attempt, counted or not) and `retried` added.
     """
     if not attempts:
         raise ValueError("final_verdict needs at least one attempt")
     counted = attempts[0]
-    if counted["verdict"] == ERROR and len(attempts) > 1:
+    if is_rig_error(counted) and len(attempts) > 1:
         counted = attempts[1]
     final = dict(counted)
     final["attempts"] = [
@@ -189,24 +195,75 @@ def collect(results_dir: Path) -> list[dict]:
     return finals
 
 
+def parse_expect(text: str) -> tuple[str, str | None]:
+    """`FAIL:memory` -> ("FAIL", "memory"); `PASS` -> ("PASS", None). Raise UsageError when the
+    verdict or the check is unknown, or a check is named for anything but FAIL."""
+    verdict, _, check = str(text).partition(":")
+    verdict, check = verdict.strip().upper(), check.strip() or None
+    if verdict not in VERDICTS:
+        raise UsageError(f"expect {text!r}: {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if check is not None and (verdict != FAIL or check not in CHECKS):
+        raise UsageError(f"expect {text!r}: only FAIL names a check, one of {', '.join(CHECKS)} "
+                         "(e.g. FAIL:memory)")
+    return verdict, check
+
+
 def expectation(result: dict) -> str | None:
-    """The verdict a matrix cell declares it expects (`expect:`), if any."""
+    """What a matrix cell declares it expects (`expect:`), as `VERDICT` or `FAIL:check`. An
+    expected FAIL of a cell that injects a fault names that fault's check when it names none."""
     expect = result.get("expect") or (result.get("params") or {}).get("expect")
-    return expect.upper() if isinstance(expect, str) else None
+    if not isinstance(expect, str):
+        return None
+    verdict, check = parse_expect(expect)
+    inject = result.get("inject") or (result.get("params") or {}).get("inject")
+    if verdict == FAIL and check is None and inject:
+        from .faults import FAULTS  # the fault's own declaration says which check must catch it
+
+        check = FAULTS[inject].check if inject in FAULTS else None
+    return f"{verdict}:{check}" if check else verdict
 
 
 def effective_verdict(result: dict) -> tuple[str, str]:
     """(verdict, reason) after the cell's expectation: an injected fault expected to FAIL that
-    FAILs is a PASS of the harness; a mismatch is a FAIL. ERROR and UNSUPPORTED stand as they are."""
+    FAILs in its own check, and in no other, is a PASS of the harness; a fault caught by another
+    check, or a mismatch, is a FAIL. ERROR and UNSUPPORTED stand as they are."""
     verdict, reason = result["verdict"], result.get("reason") or ""
     expect = expectation(result)
     if expect is None or verdict == ERROR:
         return verdict, reason
-    if verdict == expect:
+    wanted, check = parse_expect(expect)
+    if verdict == wanted:
+        failed = [name for name, c in (result.get("checks") or {}).items() if c.get("verdict") == FAIL]
+        if check is not None and check not in failed:
+            return FAIL, _join(f"expected {check} to FAIL, but {', '.join(failed) or 'no check'} failed", reason)
+        if check is not None and len(failed) > 1:
+            others = ", ".join(name for name in failed if name != check)
+            return FAIL, _join(f"expected only {check} to FAIL, but {others} failed too", reason)
         return (UNSUPPORTED if verdict == UNSUPPORTED else PASS), _join(f"expected {expect}", reason)
     if verdict == UNSUPPORTED:
         return verdict, reason
     return FAIL, _join(f"expected {expect}, got {verdict}", reason)
+
+
+def met_expectation(result: dict) -> bool:
+    """True when a cell with an `expect:` reached it (in the check it names)."""
+    return expectation(result) is not None and effective_verdict(result)[0] in (PASS, UNSUPPORTED) and (
+        result["verdict"] == parse_expect(expectation(result))[0])
+
+
+def cell_exit_code(result: dict) -> int:
+    """What a CI job of this one cell exits with: 0 when it PASSed or met its expectation, 1 FAIL
+    (a mismatch included), 3 ERROR, 4 UNSUPPORTED that nobody expected (a warning in CI)."""
+    verdict, _ = effective_verdict(result)
+    if verdict == UNSUPPORTED and met_expectation(result):
+        return 0
+    return EXIT_CODES[verdict]
+
+
+def matrix_exit_code(found: list[dict]) -> int:
+    """A whole matrix: the worst of its cells, FAIL before ERROR before an unexpected UNSUPPORTED."""
+    codes = {cell_exit_code(result) for result in found}
+    return next((code for code in (1, 3, 4) if code in codes), 0)
 
 
 def _join(head: str, reason: str) -> str:
@@ -266,6 +323,8 @@ def _testcase(result: dict, suite: str, base: Path) -> ET.Element:
             prop(f"phase.{name}_s", seconds)
     for name, check in result["checks"].items():
         prop(f"check.{name}", check["verdict"])
+    if result.get("error"):
+        prop("error.kind", result["error"].get("kind") or "unknown")
     for attempt in result.get("attempts") or []:
         prop(f"attempt.{attempt['attempt']}", attempt["verdict"])
 

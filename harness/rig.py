@@ -10,6 +10,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 from . import accel as accel_mod
 from . import guest, guestmodules, images, kernels
 from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
-from .errors import CheckFailed, ConsoleTimeout, GuestPanic, StepError, UsageError
+from .errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, StepError, UsageError
 from .guest import (
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
@@ -356,13 +357,34 @@ class Rig:
         return {"seconds": time.monotonic() - started, "guest_uptime": float(match.group(1)),
                 "failed_attempts": failed, "tsc_khz": tsc_khz}
 
+    def l0_fault(self) -> dict | None:
+        """Evidence that L0's QEMU itself broke (it died of a signal or exited with an error, e.g.
+        TCG's "iotlb_to_section: Assertion ... failed"), or None while it runs or when it exited
+        cleanly (a guest that powered off is the guest's business, not the rig's)."""
+        if self.l1 is None or self.l1.proc is None or self.l1.is_running():
+            return None
+        code = self.l1.proc.returncode
+        if code == 0:
+            return None
+        path = self.log_dir / "l1-qemu.log"
+        log = path.read_text(errors="replace") if path.exists() else ""
+        lines = [line for line in log.splitlines() if line.strip()]
+        said = next((line for line in reversed(lines) if "Assertion" in line or "qemu-system" in line),
+                    lines[-1] if lines else "")
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return {"message": f"L0's QEMU {how}" + (f": {said.strip()[:300]}" if said else ""),
+                "exit_code": code, "l0 qemu log tail": "\n".join(lines[-15:])}
+
     @property
     def sh(self):
         """L1's console."""
         return self.l1.console
 
     def l1_facts(self) -> dict:
-        out = self.sh.check("uname -r; cat /proc/sys/kernel/random/boot_id", step="l1-facts").split("\n")
+        output = self.sh.check("uname -r; cat /proc/sys/kernel/random/boot_id", step="l1-facts")
+        out = output.split("\n")
+        if len(out) < 2:
+            raise StepError("l1-facts", "L1's release and boot_id came back unreadable", {"output": output})
         return {"release": out[0].strip(), "boot_id": out[1].strip()}
 
     def tsc_khz(self) -> int | None:
@@ -394,7 +416,7 @@ class Rig:
             path, _, resource = line.partition(" ")
             if re.fullmatch(r"0x[0-9a-f]+", resource.strip()) and int(resource, 16) == offset_mib * MIB:
                 return path.split("/")[-2]
-        raise StepError("reserve", f"no PMEM region at {offset_mib} MiB: the memmap= reservation is missing",
+        raise ReservationMissing("reserve", f"no PMEM region at {offset_mib} MiB: the memmap= reservation is missing",
                         {"regions": out, "cmdline": self.sh.run("cat /proc/cmdline")[1]})
 
     def ram_backend_kind(self) -> str:

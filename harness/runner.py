@@ -6,6 +6,7 @@ and every layer's log; the rig is torn down on every exit path.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import socket
@@ -14,10 +15,11 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import faults, images, kernels, modes, probes, results
+from . import faults, images, kernels, modes, options, probes, results
 from .checks import CHECKS, not_run, verdict
-from .errors import FastRestartError, GuestPanic, StepError, Unsupported, UsageError
-from .flow import PHASES, CheckFailed, Flow, FlowOptions, summarize_phases
+from .errors import CheckFailed, FastRestartError, GuestPanic, RigFault, Unsupported, UsageError
+from .flow import PHASES, Flow, FlowOptions, summarize_phases
+from .machine import interruption, signals_deferred
 from .rig import Rig, RigConfig, l0_qemu, parse_size_mib
 
 
@@ -41,7 +43,12 @@ class Cell:
     cycles: int = 1
     inject: str | None = None
     mem_check_mib: int | None = None
+    keep_images: bool = False
     name: str | None = None
+
+    def validate(self) -> None:
+        """Refuse, before anything is probed, what no run can be (see options.validate)."""
+        options.validate(asdict(self))
 
     def label(self) -> str:
         if self.name:
@@ -57,34 +64,40 @@ class Cell:
         return "-".join(parts)
 
 
+UNFINISHED = "the run did not finish"
+
+
 def _empty_result(cell: Cell, run_dir: Path) -> dict:
+    """A result that fails closed: ERROR until a completed flow proves otherwise."""
     return {
-        "schema": 1, "cell": cell.label(), "verdict": "ERROR", "reason": "", "mode": cell.mode, "accel": "",
+        "schema": 1, "cell": cell.label(), "verdict": "ERROR", "reason": UNFINISHED, "mode": cell.mode, "accel": "",
         "inject": cell.inject,
         "params": {**asdict(cell), "devices": list(cell.devices)},
         "l1": {"kernel_from": "", "kernel_to": "", "qemu": "", "boot_ids": []},
         "l2": {"mem_mib": 0, "kernel": "", "boot_ids": [], "devices": []},
         "phases": dict.fromkeys(PHASES, 0.0), "downtime_s": {"qmp": None, "guest": None},
         "checks": {name: not_run("the run ended before this check") for name in CHECKS},
-        "cycles": cell.cycles, "per_cycle": [], "attempt": 1,
+        "cycles": cell.cycles, "cycles_completed": 0, "completed": False, "per_cycle": [], "attempt": 1,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": 0.0,
         "host": {"hostname": socket.gethostname(), "cpus": os.cpu_count() or 0, "l0_qemu": "",
                  "python": platform.python_version()},
-        "logs": {}, "error": None, "results_dir": str(run_dir),
+        "logs": {}, "error": {"kind": "harness", "step": "harness", "message": UNFINISHED, "evidence": {}},
+        "results_dir": str(run_dir),
     }
 
 
 def probe(cell: Cell, rig_config: RigConfig) -> tuple[probes.QemuCaps, modes.Mode, dict]:
     """Everything that can be known without booting: UNSUPPORTED is raised here, in seconds."""
-    faults.check_fault(cell.inject, list(cell.devices))
-    if cell.mode != "auto" and cell.mode not in modes.MODES:
-        raise UsageError(f"Unknown mode '{cell.mode}'. Modes: auto, {', '.join(modes.MODES)}.")
+    cell.validate()
     userspace = images.l1_userspace(cell.l1_qemu)
     caps = probes.qemu_caps(userspace)
     kernel_from = kernels.resolve(cell.kernel)
     kernel_to = kernels.resolve(cell.to_kernel) if cell.to_kernel else kernel_from
     backend = cell.ram_backend if cell.ram_backend != "auto" else ("devdax" if cell.devices else "fsdax")
     mode = modes.choose(cell.mode, caps, list(cell.devices), backend, cell.shared_ram)
+    fault = faults.fault(cell.inject)
+    if fault is not None:
+        fault.check_reach(mode.name, mode.restarts_host, list(cell.devices))
     for kernel in {kernel_from, kernel_to}:
         missing = probes.missing_kernel_options(kernel, probes.RIG_KERNEL_OPTIONS)
         if missing:
@@ -97,21 +110,26 @@ def probe(cell: Cell, rig_config: RigConfig) -> tuple[probes.QemuCaps, modes.Mod
 
 
 def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
-    """Run one cell and return its result (also written to run_dir/result.json)."""
+    """Run one cell and return its result (also written to run_dir/result.json).
+
+    The result fails closed: it is written as ERROR ("the run did not finish") before anything
+    else, so a run killed outright leaves no PASS behind. Every exception, interruptions included,
+    is recorded by ``attribute`` and the result rewritten before it propagates; bad usage and
+    interruptions then re-raise, so that the CLI exits 2 or 128+signal.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     result = _empty_result(cell, run_dir)
-    rig_config = RigConfig(
-        kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
-        l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
-        l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram,
-        l2_iommu=cell.l2_iommu, edu_irq=cell.edu_irq)
+    results.write_result(result, run_dir)
     flow = rig = None
+    stage = "probe"
     try:
         progress("probe")
+        rig_config = _rig_config(cell)
         caps, mode, facts = probe(cell, rig_config)
         result["mode"] = mode.name
         result["l1"].update(kernel_from=facts["kernel_from"], kernel_to=facts["kernel_to"], qemu=facts["qemu"])
+        stage = "rig"
         rig = Rig(rig_config, run_dir)
         result["accel"] = rig.accel.name
         result["accel_reason"] = rig.accel.reason
@@ -121,44 +139,122 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
         flow = Flow(rig, mode, caps, FlowOptions(cycles=cell.cycles, inject=cell.inject,
                                                  mem_check_mib=cell.mem_check_mib), progress)
         flow.run()
+        result["completed"], result["error"], result["reason"] = True, None, ""
+    except BaseException as exc:  # recorded, then re-raised where it must be
+        attribute(result, exc, step=flow.current_step if flow else stage,
+                  restart_begun=bool(flow and flow.restart_begun), rig=rig)
+        if isinstance(exc, UsageError) or interruption(exc):
+            raise
+    finally:
+        with signals_deferred():
+            _finish(result, flow, rig, run_dir, started)
+    return result
+
+
+def _rig_config(cell: Cell) -> RigConfig:
+    return RigConfig(
+        kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
+        l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
+        l2_mem_mib=parse_size_mib(cell.l2_mem), ram_backend=cell.ram_backend, shared_ram=cell.shared_ram,
+        l2_iommu=cell.l2_iommu, edu_irq=cell.edu_irq, keep_images=cell.keep_images)
+
+
+def _finish(result: dict, flow: Flow | None, rig: Rig | None, run_dir: Path, started: float) -> None:
+    """Collect what the flow learned, tear down, decide and write: each part may fail without
+    losing the others, and a failure here can only take a verdict away, never give one."""
+    try:
         _collect(result, flow, rig)
-        result["checks"].update(flow.cycles_verdicts())
-    except Unsupported as exc:
-        result.update(verdict="UNSUPPORTED", reason=exc.reason)
+        for name, found in (flow.cycles_verdicts() if flow else {}).items():
+            if result["checks"][name]["verdict"] != "FAIL":  # a FAIL recorded by attribute stands
+                result["checks"][name] = found
+    except Exception as exc:
+        _harness_error(result, "collect", exc)
+    for closer in (flow and flow.close, rig and rig.close):
+        if closer:
+            try:
+                closer()
+            except Exception as exc:
+                _harness_error(result, "teardown", exc)
+    result["wall_s"] = round(time.monotonic() - started, 2)
+    result["logs"] = {p.stem: str(p.relative_to(run_dir)) for p in sorted((run_dir / "logs").glob("*"))
+                      } if (run_dir / "logs").exists() else {}
+    decide(result)
+    results.write_result(result, run_dir)
+    results.write_junit([result], run_dir / "junit.xml", suite="fastrestart")
+    result["results_size_bytes"] = results.results_dir_size(run_dir)  # what the run leaves on disk, all told
+    results.write_result(result, run_dir)
+
+
+def _harness_error(result: dict, step: str, exc: BaseException) -> None:
+    """Record a harness failure, unless the run already has an error of its own (which stands)."""
+    if result.get("error") is None:
+        result["error"] = {"kind": "harness", "step": step, "message": repr(exc),
+                           "evidence": {"traceback": traceback.format_exc()}}
+        result["reason"] = f"harness ({step}): {exc!r}"
+
+
+def attribute(result: dict, exc: BaseException, *, step: str, restart_begun: bool, rig: Rig | None) -> None:
+    """Record what ended the run, and whose fault it is.
+
+    - Unsupported: the cell cannot run here (found before anything is tested).
+    - CheckFailed: the named check FAILed.
+    - An interruption (Ctrl-C, SIGTERM, SIGHUP, a test runner's timeout): ERROR "interrupted".
+    - Bad usage: ERROR "usage" (the CLI exits 2).
+    - L0's QEMU died or asserted, a host resource ran out, or a proven transport stall: the rig's
+      ERROR, the only kind that may be retried.
+    - Anything else before ``save``: the rig's ERROR (nothing under test has happened yet).
+    - A Python error of the harness's own: ERROR "harness", with its traceback, never retried.
+    - Anything else once ``save`` has started (a panic, a kexec that never reaches the new kernel,
+      an L1 that never becomes ready, an L2 that hangs or dies): the restart's FAIL, in liveness,
+      with the step in the evidence.
+    """
+    def error(kind: str, message: str, evidence: dict | None = None) -> None:
+        result["error"] = {"kind": kind, "step": step, "message": message, "evidence": evidence or {}}
+        result["reason"] = f"{step}: {message.splitlines()[0] if message else kind}"
+
+    interrupted = interruption(exc)
+    l0 = rig.l0_fault() if rig is not None and not interrupted else None
+    if isinstance(exc, Unsupported):
+        result.update(verdict="UNSUPPORTED", reason=exc.reason, error=None)
         for name in CHECKS:
             result["checks"][name] = verdict("UNSUPPORTED", reason=exc.reason)
-    except CheckFailed as exc:
-        _collect(result, flow, rig)
-        result["checks"][exc.check] = verdict("FAIL", exc.evidence, str(exc))
-    except (StepError, GuestPanic, FastRestartError) as exc:
-        if isinstance(exc, UsageError):
-            raise
-        _collect(result, flow, rig)
-        step = getattr(exc, "step", "rig")
-        result["error"] = {"step": step, "message": str(exc), "evidence": getattr(exc, "evidence", {})}
-        result["reason"] = f"{step}: {str(exc).splitlines()[0]}"
-    except Exception as exc:
-        _collect(result, flow, rig)
-        result["error"] = {"step": "harness", "message": repr(exc), "evidence": {"traceback": traceback.format_exc()}}
-        result["reason"] = f"harness: {exc!r}"
-    finally:
-        if flow is not None:
-            flow.close()
-        if rig is not None:
-            rig.close()
-        result["wall_s"] = round(time.monotonic() - started, 2)
-        result["logs"] = {p.stem: str(p.relative_to(run_dir)) for p in sorted((run_dir / "logs").glob("*"))
-                          } if (run_dir / "logs").exists() else {}
-        _decide(result)
-        results.write_result(result, run_dir)
-        results.write_junit([result], run_dir / "junit.xml", suite="fastrestart")
-    return result
+    elif interrupted:
+        error("interrupted", f"interrupted by {interrupted[0]} during step {step}")
+    elif isinstance(exc, UsageError):
+        error("usage", f"bad usage: {exc}")
+    elif l0 is not None:
+        error("rig", l0.pop("message"), {**l0, "while": str(exc)[:2000]})
+    elif isinstance(exc, RigFault):
+        error("rig", exc.message, exc.evidence)
+    elif isinstance(exc, OSError) and exc.errno in HOST_RESOURCE_ERRNOS:
+        error("rig", f"the host ran out of a resource: {exc}", {"traceback": traceback.format_exc()})
+    elif isinstance(exc, CheckFailed):
+        result["error"] = None
+        result["checks"][exc.check] = verdict("FAIL", {"step": step, **exc.evidence}, str(exc))
+    elif not isinstance(exc, FastRestartError):
+        error("harness", repr(exc), {"traceback": traceback.format_exc()})
+    elif not restart_begun:
+        error("rig", str(exc), getattr(exc, "evidence", {}))
+    else:
+        result["error"] = None
+        layer = "L1" if isinstance(exc, GuestPanic) and str(exc).startswith("l1") else "L2" if isinstance(
+            exc, GuestPanic) else None
+        what = f"{layer}'s kernel panicked" if layer else "the restart did not complete"
+        message = str(exc)
+        result["checks"]["liveness"] = verdict(
+            "FAIL", {"step": step, "error": type(exc).__name__, "message": message[:4000],
+                     **getattr(exc, "evidence", {})},
+            f"{what} in step {step}: {message.splitlines()[0][:300] if message else type(exc).__name__}")
+
+
+HOST_RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EDQUOT}
 
 
 def _collect(result: dict, flow: Flow | None, rig: Rig | None) -> None:
     """Copy what the flow learned into the result, however far it got."""
     if flow is None:
         return
+    result["cycles_completed"] = flow.cycles_completed
     result["l1"]["boot_ids"] = flow.l1_boot_ids
     if flow.l1_releases:
         result["l1"]["kernel_from"] = flow.l1_releases[0]
@@ -179,22 +275,46 @@ def _collect(result: dict, flow: Flow | None, rig: Rig | None) -> None:
     result["l2"]["kernel"] = rig.artifacts.l2_kernel.release if rig and rig.artifacts else ""
 
 
-def _decide(result: dict) -> None:
-    """The run's verdict from its checks (FAIL beats ERROR only when a check really failed)."""
-    if result["verdict"] == "UNSUPPORTED":
-        return
-    states = {name: c["verdict"] for name, c in result["checks"].items()}
-    failed = [name for name, state in states.items() if state == "FAIL"]
+def decide(result: dict) -> None:
+    """The run's verdict, failing closed.
+
+    FAIL when a check FAILed (a real finding stands, whatever happened after it). Otherwise ERROR
+    when an error was recorded. Otherwise PASS only for a run that completed, ran at least one
+    restart cycle, whose liveness is PASS and whose every other check is PASS or UNSUPPORTED with
+    a reason; anything short of that is ERROR, saying what is missing.
+    """
+    checks = result["checks"]
+    failed = [name for name, c in checks.items() if c["verdict"] == "FAIL"]
+    error = result.get("error")
     if failed:
         result["verdict"] = "FAIL"
-        reasons = [f"{n}: {result['checks'][n].get('reason', '')}" for n in failed]
-        result["reason"] = "; ".join(reasons) + (f" (then {result['reason']})" if result.get("error") else "")
-    elif result.get("error"):
+        reasons = "; ".join(f"{n}: {checks[n].get('reason', '')}" for n in failed)
+        result["reason"] = reasons + (f" (then {result['reason']})" if error and result.get("reason") else "")
+        return
+    if result["verdict"] == "UNSUPPORTED" and not error:
+        return
+    if error:
         result["verdict"] = "ERROR"
-    else:
-        result["verdict"] = "PASS"
-        result["reason"] = "; ".join(f"{n}: {c.get('reason')}" for n, c in result["checks"].items()
-                                     if c["verdict"] != "PASS" and c.get("reason"))
+        result["reason"] = result.get("reason") or f"{error.get('step')}: {error.get('message')}"
+        return
+    missing = []
+    if not result.get("completed"):
+        missing.append(UNFINISHED)
+    if result.get("cycles_completed", 0) < 1:
+        missing.append("no restart cycle completed")
+    if checks.get("liveness", {}).get("verdict") != "PASS":
+        missing.append("liveness did not PASS")
+    missing += [f"check {n} is {c['verdict']}" + ("" if c.get("reason") else " without a reason")
+                for n, c in checks.items() if c["verdict"] != "PASS" and not (
+                    c["verdict"] == "UNSUPPORTED" and c.get("reason"))]
+    if missing:
+        result["verdict"] = "ERROR"
+        result["error"] = {"kind": "harness", "step": "verdict", "message": "; ".join(missing), "evidence": {}}
+        result["reason"] = "no verdict: " + "; ".join(missing)
+        return
+    result["verdict"] = "PASS"
+    result["reason"] = "; ".join(f"{n}: {c.get('reason')}" for n, c in checks.items()
+                                 if c["verdict"] != "PASS" and c.get("reason"))
 
 
 def doctor_facts() -> dict:

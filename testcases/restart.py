@@ -6,7 +6,7 @@
 Parameters come from avocado's varianter (yaml-to-mux here; CIT for pairwise coverage of big
 matrices). The verdict maps onto avocado's statuses: a check that failed is FAIL, a broken rig is
 ERROR, an unsupported cell is CANCEL with the reason. A cell that injects a fault declares
-``expect: FAIL`` and passes when the fault is caught.
+``expect: FAIL:CHECK`` and passes only when that check, and no other, catches the fault.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from avocado import Test
 
+from harness import results
 from harness.runner import Cell, run_cell
 
 
@@ -72,14 +73,14 @@ class FastRestartTest(Test):
         self.log.info("cell: %s", cell)
         result = run_cell(cell, Path(self.outputdir) / "run", progress=lambda step: self.log.info("step: %s", step))
         self.log.info("verdict %s (%s); result.json in %s", result["verdict"], result["reason"], self.outputdir)
-        expect = (self.params.get("expect", default=None) or "PASS").upper()
-        verdict = result["verdict"]
+        # The same rule as the matrix: an expected FAIL must come from its check (results.effective_verdict).
+        verdict, reason = results.effective_verdict({**result, "expect": self.params.get("expect", default=None)})
         if verdict == "UNSUPPORTED":
-            self.cancel(result["reason"])
+            self.cancel(reason)
         if verdict == "ERROR":
-            self.error(result["reason"])
-        if verdict != expect:
-            self.fail(f"expected {expect}, got {verdict}: {result['reason']}")
+            self.error(reason)
+        if verdict == "FAIL":
+            self.fail(reason)
         return result
 
 

@@ -7,14 +7,12 @@ kernels/fragments/luo.config); it is skipped, with that reason, until such a bui
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from cellrun import run
 
 from harness import kernels
 from harness.errors import UsageError
 from harness.paths import cache_dir
-from harness.runner import Cell, run_cell
 
 pytestmark = pytest.mark.vm
 
@@ -36,12 +34,6 @@ def luo_kernel_spec() -> str | None:
         if options.get("CONFIG_LIVEUPDATE") == "y" and options.get("CONFIG_LIVEUPDATE_MEMFD") == "y":
             return spec
     return None
-
-
-def run(tmp_path: Path, **cell) -> dict:
-    result = run_cell(Cell(**cell), tmp_path / "run")
-    print(f"{result['cell']}: {result['verdict']} {result['reason']} (logs: {tmp_path / 'run' / 'logs'})")
-    return result
 
 
 def test_luo_on_a_debian_kernel_is_unsupported_naming_liveupdate_without_booting(tmp_path):

@@ -7,12 +7,12 @@ capability probes decide (UNSUPPORTED, with the reason), so they stay fast.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tools import tool as venv_tool
 
 from harness import results
 
@@ -47,10 +47,10 @@ def test_matrix_runs_cells_in_parallel_and_reports(tmp_path, matrix):
     assert "[2/2" in proc.stdout  # progress
 
 
-@pytest.mark.skipif(not shutil.which("avocado"), reason="avocado is not installed (pip install -e .[test])")
+@pytest.mark.skipif(not venv_tool("avocado"), reason="avocado is not installed (./setup installs it)")
 def test_avocado_job_statuses_match_the_matrix(tmp_path, matrix):
     job = tmp_path / "avocado"
-    proc = subprocess.run(["avocado", "run", "--job-results-dir", str(job), "--disable-sysinfo",
+    proc = subprocess.run([venv_tool("avocado"), "run", "--job-results-dir", str(job), "--disable-sysinfo",
                            str(REPO / "testcases" / "restart.py"), "-m", str(matrix)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr

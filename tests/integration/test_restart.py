@@ -10,16 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from cellrun import run
 
-from harness.runner import Cell, run_cell
+from harness import results
 
 pytestmark = pytest.mark.vm
-
-
-def run(tmp_path, **cell) -> dict:
-    result = run_cell(Cell(**cell), tmp_path / "run")
-    print(f"{result['cell']}: {result['verdict']} {result['reason']} (logs: {tmp_path / 'run' / 'logs'})")
-    return result
 
 
 def checks(result: dict) -> dict[str, str]:
@@ -88,10 +83,33 @@ def test_edu_on_intx_passes(tmp_path):
 def test_memory_lost_across_kexec_is_a_memory_fail(tmp_path):
     result = run(tmp_path, inject="mem-lost")
     assert result["verdict"] == "FAIL"
-    assert result["checks"]["memory"]["verdict"] == "FAIL"
-    assert "PMEM" in result["checks"]["memory"]["reason"]
+    memory = result["checks"]["memory"]
+    assert memory["verdict"] == "FAIL"
+    # Judged from what the new kernel shows, not from the flag: no memmap= on its command line, no
+    # PMEM region where L2's RAM was, found in the reserve step.
+    assert memory["evidence"]["step"] == "reserve" and "memmap=" not in memory["evidence"]["cmdline"]
+    assert "no PMEM region at" in memory["evidence"]["reason"]
     # What could not run is never reported as a pass.
     assert result["checks"]["dma"]["verdict"] == "NOT_RUN"
+
+
+@pytest.mark.parametrize(("fault", "layer"), [("l1-panic", "L1"), ("l2-panic", "L2")])
+def test_a_panic_after_the_restart_is_a_liveness_fail_not_a_rig_error(tmp_path, fault, layer):
+    """A crash of the host or the guest once the restart began is what the run found: a FAIL of
+    liveness that names the layer and the step, never an ERROR that a retry could wash away."""
+    result = run(tmp_path, devices=(), mode="ignore-shared", mem_check_mib=16, inject=fault)
+    assert result["verdict"] == "FAIL", result["reason"] or result["error"]
+    assert checks(result)["liveness"] == "FAIL" and result["error"] is None
+    liveness = result["checks"]["liveness"]
+    assert f"{layer}'s kernel panicked in step" in liveness["reason"], liveness["reason"]
+    assert "Kernel panic" in liveness["evidence"]["message"]
+    assert results.cell_exit_code(result) == 1 and not results.should_retry([result])
+
+
+def test_a_fault_that_cannot_reach_its_check_is_unsupported_before_booting(tmp_path):
+    result = run(tmp_path, devices=("nvme",), inject="irq-drop")
+    assert result["verdict"] == "UNSUPPORTED" and "needs edu" in result["reason"]
+    assert result["l1"]["boot_ids"] == []
 
 
 def test_cpr_reboot_on_qemu_7_2_is_unsupported_without_booting(tmp_path):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tools import tool as venv_tool
 
 from harness import report, results
 
@@ -42,7 +42,7 @@ def avocado_statuses(job_dir: Path) -> dict[str, tuple[str, str]]:
     return statuses
 
 
-@pytest.mark.skipif(not shutil.which("avocado"), reason="avocado is not installed (./setup installs it)")
+@pytest.mark.skipif(not venv_tool("avocado"), reason="avocado is not installed (./setup installs it)")
 def test_smoke_matrix_for_real_and_avocado_agrees(tmp_path):
     out = tmp_path / "matrix"
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "matrix", str(SMOKE), "--parallel", "2",
@@ -74,7 +74,7 @@ def test_smoke_matrix_for_real_and_avocado_agrees(tmp_path):
 
     # avocado's varianter reads the same file; its statuses must say the same.
     job = tmp_path / "avocado"
-    proc = subprocess.run(["avocado", "run", "--job-results-dir", str(job), "--disable-sysinfo",
+    proc = subprocess.run([venv_tool("avocado"), "run", "--job-results-dir", str(job), "--disable-sysinfo",
                            str(REPO / "testcases" / "restart.py"), "-m", str(SMOKE)],
                           capture_output=True, text=True, timeout=3600, cwd=REPO)
     print(proc.stdout[-3000:])

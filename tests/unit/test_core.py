@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -11,7 +12,7 @@ from harness import accel, checks, faults, modes
 from harness.cli import main
 from harness.console import Console
 from harness.devices import Edu, IntelIommu, Nvme, UserNet
-from harness.errors import GuestPanic, StepError, Unsupported, UsageError
+from harness.errors import GuestPanic, RigFault, StepError, Unsupported, UsageError
 from harness.guest import L2Spec, RamBackend, VfioPci
 from harness.kernels import resolve
 from harness.probes import QemuCaps, caps_from_replies
@@ -188,17 +189,23 @@ def test_gpa_to_offset_follows_the_q35_split():
     assert faults.gpa_to_offset(0x100000000 + 0x5000, 4 << 30) == 0x80000000 + 0x5000
 
 
-def test_unknown_fault_and_fault_without_its_device():
-    with pytest.raises(UsageError):
-        faults.check_fault("cosmic-ray", ["edu"])
-    with pytest.raises(UsageError, match="edu"):
-        faults.check_fault("irq-drop", ["nvme"])
-    with pytest.raises(UsageError, match="edu or nvme"):
-        faults.check_fault("dma-corrupt", [])
-    faults.check_fault("dma-corrupt", ["nvme"])  # fio's data set is the target
+def test_unknown_fault_is_bad_usage_and_unreachable_faults_are_unsupported():
+    with pytest.raises(UsageError, match="Faults: mem-flip"):
+        faults.fault("cosmic-ray")
+    with pytest.raises(Unsupported, match="needs edu"):
+        faults.FAULTS["irq-drop"].check_reach("cpr-reboot", True, ["nvme"])
+    with pytest.raises(Unsupported, match="edu or nvme"):
+        faults.FAULTS["dma-corrupt"].check_reach("cpr-reboot", True, [])
+    with pytest.raises(Unsupported, match="fresh ones write over it"):
+        faults.FAULTS["dma-corrupt"].check_reach("hotplug", True, ["edu", "nvme"])
+    with pytest.raises(Unsupported, match="keeps the host running"):
+        faults.FAULTS["mem-lost"].check_reach("cpr-transfer", False, ["edu"])
+    with pytest.raises(Unsupported, match="LUO memfd"):
+        faults.FAULTS["mem-lost"].check_reach("luo", True, [])
+    faults.FAULTS["dma-corrupt"].check_reach("cpr-reboot", True, ["nvme"])  # fio's data set is the target
+    assert {f.check for f in faults.FAULTS.values()} <= set(checks.CHECKS)
+    assert set(faults.HOOKS) | {"mem-lost"} == set(faults.FAULTS)
 
-
-# -- verdicts and log scanners --------------------------------------------------------------------
 
 def test_memory_verdict():
     clean = {"pages_checked": 100, "bad_pages": 0, "writer_mismatches": 0}
@@ -216,7 +223,9 @@ def test_dma_and_interrupt_verdicts():
     assert checks.dma_verdict(None, None)["verdict"] == "UNSUPPORTED"
     assert checks.interrupts_verdict(edu, blk, [], {})["verdict"] == "PASS"
     assert checks.interrupts_verdict({**edu, "irq_received": 29}, blk, [], {})["verdict"] == "FAIL"
-    assert checks.interrupts_verdict(edu, {**blk, "ios_completed": 4}, [], {})["verdict"] == "FAIL"
+    # blkcheck's I/O is synchronous: submitted vs completed cannot fail; an I/O error can.
+    assert checks.interrupts_verdict(edu, {**blk, "ios_completed": 4}, [], {})["verdict"] == "PASS"
+    assert checks.interrupts_verdict(edu, {**blk, "io_errors": 1}, [], {})["verdict"] == "FAIL"
     assert checks.interrupts_verdict(edu, blk, ["nvme nvme0: I/O 12 QID 1 timeout, aborting"], {})["verdict"] == "FAIL"
 
 
@@ -321,15 +330,24 @@ def test_a_long_wait_ends_when_the_watchdog_says_the_guest_is_gone(tmp_path, mon
 @pytest.mark.parametrize("argv", [
     ["run", "--kernel", "debian:potato", "--results", "RESULTS"],
     ["run", "--mode", "warp-speed", "--results", "RESULTS"],
-    ["run", "--inject", "irq-drop", "--devices", "nvme", "--results", "RESULTS"],
+    ["run", "--mode", "cpr-rebot", "--results", "RESULTS"],
+    ["run", "--inject", "cosmic-ray", "--results", "RESULTS"],
+    ["run", "--cycles", "0", "--results", "RESULTS"],
+    ["run", "--kernel", "path:/nonexistent", "--results", "RESULTS"],
     ["run", "--l2-mem", "lots", "--results", "RESULTS"],
     ["run", "--l2-mem", "128M", "--results", "RESULTS"],  # too small for fio, which the nvme check needs
 ])
-def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, capsys, argv):
+def test_bad_input_exits_2_with_a_message_no_traceback_and_no_pass(tmp_path, capsys, argv):
     argv = [a.replace("RESULTS", str(tmp_path / "r")) for a in argv]
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refuses a bad choice before anything runs
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert "\nfastrestart: " in "\n" + err and "Traceback" not in err
+    assert "fastrestart" in err and "Traceback" not in err
+    left = tmp_path / "r" / "result.json"
+    assert not left.exists() or json.loads(left.read_text())["verdict"] != "PASS"
 
 
 def test_hotplug_segments_combine_into_one_verdict():
@@ -386,5 +404,5 @@ def test_a_counter_stuck_before_the_save_is_the_rigs_error_not_the_restarts_fail
     checks.require_counting(None, earlier)
     checks.require_counting(earlier, {"l0_time": 100.5, "counter": 1, "boot_id": "b"})  # too soon to tell
     checks.require_counting(earlier, {"l0_time": 103.0, "counter": 9, "boot_id": "b"})
-    with pytest.raises(StepError, match=r"has not moved for 3\.0 s before the save"):
+    with pytest.raises(RigFault, match=r"has not moved for 3\.0 s before the save"):
         checks.require_counting(earlier, {"l0_time": 103.0, "counter": 1, "boot_id": "b"})

@@ -3,13 +3,13 @@ Golden files: tests/golden/pipelines/; regenerate with FASTRESTART_UPDATE_GOLDEN
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from goldens import GOLDEN, assert_golden
+from tools import tool as venv_tool
 
 from harness import pipelines
 from harness.errors import UsageError
@@ -79,10 +79,15 @@ def test_every_cell_of_the_fixture_has_args() -> None:
     ("cells: [{name: 'a b'}]", "'name' must be"),
     ("cells: [{name: a}, {name: a}]", "duplicate cell name 'a'"),
     ("cells: [{name: a, devcies: [edu]}]", r"unknown key\(s\) devcies"),
-    ("cells: [{name: a, expect: BROKEN}]", "expect 'BROKEN' is not one of"),
-    ("cells: [{name: a, cycles: 0}]", "cycles must be a positive integer"),
+    ("cells: [{name: a, expect: BROKEN}]", "expect 'BROKEN': 'BROKEN' is not one of"),
+    ("cells: [{name: a, expect: FAIL}]", "expect FAIL must name the check"),
+    ("cells: [{name: a, expect: 'FAIL:cosmic'}]", "only FAIL names a check"),
+    ("cells: [{name: a, mode: cpr-rebot}]", "unknown mode 'cpr-rebot'; choose one of: auto"),
+    ("cells: [{name: a, inject: cosmic-ray}]", "unknown inject 'cosmic-ray'"),
+    ("cells: [{name: a, devices: [gpu]}]", "unknown device"),
+    ("cells: [{name: a, cycles: 0}]", "cycles must be a whole number of at least 1"),
     ("cells: [{name: a, devices: {edu: 1}}]", "devices must be"),
-    ("cells: [{name: a, mem_check: 1.5}]", "mem_check must be a positive integer"),
+    ("cells: [{name: a, mem_check: 1.5}]", "mem-check must be a whole number of at least 1"),
     ("cells: [{name: a, shared_ram: 'no'}]", "shared_ram must be true or false"),
     ("defaults: [1]\ncells: [{name: a}]", "'defaults:' must be a mapping"),
     ("defaults: {bogus: 1}\ncells: [{name: a}]", "defaults: unknown key"),
@@ -118,7 +123,7 @@ def test_render_pipeline_is_stable(tmp_path: Path, engine: str) -> None:
 
 @pytest.mark.parametrize("engine", ["gitlab", "github"])
 def test_rendered_pipeline_passes_the_engine_schema(tmp_path: Path, engine: str) -> None:
-    tool = shutil.which("check-jsonschema")
+    tool = venv_tool("check-jsonschema")
     if not tool:
         pytest.skip("check-jsonschema is not installed (pip install -e '.[test]'); it bundles the schemas")
     out = pipelines.render_pipeline(engine, MATRIX, tmp_path / "pipeline.yml")

@@ -167,8 +167,8 @@ def test_expectations_are_labelled(tree: Path) -> None:
     flipped_pass = copy.deepcopy(flipped) | {"verdict": "PASS", "cell": "trixie-mem-flip-missed"}
     context = report.build_context([flipped, flipped_pass], tree)
     labels = {c["name"]: (c["label"], c["css"]) for c in context["cells"]}
-    assert labels == {"trixie-mem-flip": ("FAIL as expected", "v-pass"),
-                      "trixie-mem-flip-missed": ("PASS, expected FAIL", "v-fail")}
+    assert labels == {"trixie-mem-flip": ("FAIL as expected (memory)", "v-pass"),
+                      "trixie-mem-flip-missed": ("PASS, expected FAIL:memory", "v-fail")}
     assert context["summary"]["expectations"] == {"total": 2, "met": 1, "missed": 1}
 
 

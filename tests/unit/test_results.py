@@ -12,6 +12,7 @@ import pytest
 from goldens import FIXTURES, assert_golden
 
 from harness import results
+from harness.errors import UsageError
 from harness.results import ResultError
 
 
@@ -117,7 +118,13 @@ def test_exit_code_rejects_unknown_verdicts() -> None:
 
 
 def attempts(*verdicts: str) -> list[dict]:
-    return [minimal(verdict=v, attempt=i, reason=f"reason {i}") for i, v in enumerate(verdicts, 1)]
+    """Attempts with these verdicts. ERROR is the rig's (the only kind retried); ERROR/KIND another kind."""
+    made = []
+    for i, given in enumerate(verdicts, 1):
+        verdict, _, kind = given.partition("/")
+        error = {"kind": kind or "rig", "step": "boot", "message": "m", "evidence": {}} if verdict == "ERROR" else None
+        made.append(minimal(verdict=verdict, attempt=i, reason=f"reason {i}", error=error))
+    return made
 
 
 @pytest.mark.parametrize(("verdicts", "counted", "final"), [
@@ -131,13 +138,15 @@ def attempts(*verdicts: str) -> list[dict]:
     (["FAIL", "PASS"], 1, "FAIL"),  # a FAIL is never retried: a later run does not clear it
     (["ERROR", "ERROR", "PASS"], 2, "ERROR"),  # retried once, not until it passes
     (["PASS", "ERROR"], 1, "PASS"),
+    (["ERROR/harness", "PASS"], 1, "ERROR"),  # only the rig's ERROR is retried
+    (["ERROR/interrupted", "PASS"], 1, "ERROR"),
 ])
 def test_final_verdict(verdicts: list[str], counted: int, final: str) -> None:
     result = results.final_verdict(attempts(*verdicts))
     assert result["verdict"] == final
     assert result["attempt"] == counted
     assert result["reason"] == f"reason {counted}"
-    assert [a["verdict"] for a in result["attempts"]] == verdicts  # every attempt is recorded
+    assert [a["verdict"] for a in result["attempts"]] == [v.partition("/")[0] for v in verdicts]
     assert [a["counted"] for a in result["attempts"]] == [i == counted for i in range(1, len(verdicts) + 1)]
     assert result["retried"] is (len(verdicts) > 1)
 
@@ -156,6 +165,7 @@ def test_final_verdict_needs_an_attempt() -> None:
 @pytest.mark.parametrize(("verdicts", "retry"), [
     ([], False), (["PASS"], False), (["FAIL"], False), (["UNSUPPORTED"], False),
     (["ERROR"], True), (["ERROR", "ERROR"], False), (["ERROR", "PASS"], False),
+    (["ERROR/harness"], False), (["ERROR/interrupted"], False), (["ERROR/usage"], False),
 ])
 def test_should_retry(verdicts: list[str], retry: bool) -> None:
     assert results.should_retry(attempts(*verdicts)) is retry
@@ -177,6 +187,46 @@ def test_should_retry(verdicts: list[str], retry: bool) -> None:
 ])
 def test_effective_verdict(verdict: str, expect: str | None, effective: str) -> None:
     assert results.effective_verdict(minimal(verdict=verdict, expect=expect))[0] == effective
+
+
+def checks_failing(*names: str) -> dict:
+    return {name: {"verdict": "FAIL" if name in names else "PASS"} for name in results.CHECKS}
+
+
+@pytest.mark.parametrize(("expect", "inject", "failing", "effective", "says"), [
+    ("FAIL:memory", None, ["memory"], "PASS", "expected FAIL:memory"),
+    ("FAIL:memory", None, ["interrupts"], "FAIL", "expected memory to FAIL, but interrupts failed"),
+    ("FAIL:memory", None, ["memory", "dma"], "FAIL", "expected only memory to FAIL, but dma failed too"),
+    ("FAIL", "mem-flip", ["memory"], "PASS", "expected FAIL:memory"),  # the fault names its check
+    ("FAIL", "irq-drop", ["liveness"], "FAIL", "expected interrupts to FAIL, but liveness failed"),
+    ("FAIL", "l1-panic", ["liveness"], "PASS", "expected FAIL:liveness"),
+])
+def test_an_expected_fail_must_come_from_the_named_check(expect, inject, failing, effective, says) -> None:
+    result = minimal(verdict="FAIL", expect=expect, inject=inject, checks=checks_failing(*failing))
+    verdict, reason = results.effective_verdict(result)
+    assert (verdict, says in reason) == (effective, True), reason
+    assert results.met_expectation(result) is (effective == "PASS")
+
+
+@pytest.mark.parametrize("expect", ["FAIL:cosmic", "PASS:memory", "MAYBE"])
+def test_a_bad_expectation_is_refused(expect) -> None:
+    with pytest.raises(UsageError):
+        results.parse_expect(expect)
+
+
+@pytest.mark.parametrize(("cells", "code"), [
+    ([("PASS", None)], 0),
+    ([("PASS", None), ("UNSUPPORTED", None)], 4),  # nobody expected it: a warning in CI
+    ([("UNSUPPORTED", "UNSUPPORTED")], 0),
+    ([("FAIL", "FAIL:memory")], 0),
+    ([("PASS", "FAIL:memory")], 1),
+    ([("UNSUPPORTED", None), ("ERROR", None)], 3),
+    ([("ERROR", None), ("FAIL", None)], 1),
+])
+def test_matrix_exit_code_is_0_only_when_every_cell_met_its_expectation(cells, code) -> None:
+    found = [minimal(verdict=v, expect=e, checks=checks_failing("memory" if v == "FAIL" else ""))
+             for v, e in cells]
+    assert results.matrix_exit_code(found) == code
 
 
 def test_expectation_may_sit_in_params() -> None:
@@ -250,7 +300,7 @@ def test_write_junit_counts_and_elements(tree: Path) -> None:
     assert len(cases) == 6
     # FAIL → failure, ERROR → error (typed by the step), UNSUPPORTED → skipped with its reason.
     assert cases["trixie-sid-cpr-reboot-edu"].find("failure").get("message").startswith("dma: 2 of 50")
-    assert cases["bookworm-ignore-shared"].find("error").get("type") == "kexec"
+    assert cases["bookworm-ignore-shared"].find("error").get("type") == "prepare"
     assert cases["bookworm-cpr-reboot-unsupported"].find("skipped").get("message").startswith("QEMU 7.2.22")
     # An expected FAIL (injected fault caught) passes; a retried ERROR that passed is a pass.
     for name in ("trixie-mem-flip", "sid-cpr-transfer", "trixie-cpr-reboot"):
