@@ -15,12 +15,12 @@ import time
 import tty
 from pathlib import Path
 
-from . import results
-from .errors import FastRestartError, UsageError
-from .faults import FAULTS
-from .machine import Terminated, install_signal_handlers, interruption, kill_all_children
-from .options import CHOICES, L1_QEMU_SUITES
-from .runner import Cell, doctor_facts, run_cell
+from fastrestart.campaign import results
+from fastrestart.campaign.runner import Cell, doctor_facts, run_cell
+from fastrestart.errors import FastRestartError, UsageError
+from fastrestart.options import CHOICES, L1_QEMU_SUITES
+from fastrestart.restart.faults import FAULTS
+from fastrestart.vm.machine import Terminated, install_signal_handlers, interruption, kill_all_children
 
 EXIT = {"PASS": 0, "FAIL": 1, "ERROR": 3, "UNSUPPORTED": 4}
 
@@ -144,7 +144,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_rig_check(args: argparse.Namespace) -> int:
-    from .rigcheck import rig_check
+    from fastrestart.campaign.rigcheck import rig_check
 
     cell = _cell_from(args)
     run_dir = Path(args.results or Path("results") / f"rig-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -158,7 +158,7 @@ def cmd_rig_check(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    from .rigcheck import standing_rig
+    from fastrestart.campaign.rigcheck import standing_rig
 
     cell = _cell_from(args)
     run_dir = Path(args.results or Path("results") / f"shell-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -195,9 +195,9 @@ def interact(sock) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from . import probes
-    from .pipelines import load_matrix
-    from .rig import RigConfig, prepare_artifacts
+    from fastrestart.campaign.pipelines import load_matrix
+    from fastrestart.restart import probes
+    from fastrestart.vm.rig import RigConfig, prepare_artifacts
 
     specs = [{"kernel": args.kernel, "to_kernel": None, "l1_qemu": args.l1_qemu}]
     if args.matrix:
@@ -217,7 +217,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from .matrix import run_matrix
+    from fastrestart.campaign.matrix import run_matrix
 
     out = Path(args.results or Path("results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}")
     return run_matrix(Path(args.matrix), out,
@@ -225,7 +225,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from fastrestart.campaign.report import render_report
 
     found = results.collect(Path(args.dir))
     if not found:
@@ -233,7 +233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     written = render_report(found, Path(args.dir))
     results.write_junit(found, Path(args.dir) / "junit.xml", suite="fastrestart")
     if args.screenshot:
-        from .report import screenshot
+        from fastrestart.campaign.report import screenshot
 
         written["png"] = screenshot(written["html"], Path(args.dir) / "report.png")
     for name, path in written.items():
@@ -243,8 +243,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Fast restart against the alternatives, interleaved on shared rigs; ratios from one run."""
-    from .bench import BenchOptions, load_bench, render_bench, run_bench
-    from .rig import parse_size_mib
+    from fastrestart.campaign.bench import BenchOptions, load_bench, render_bench, run_bench
+    from fastrestart.vm.rig import parse_size_mib
 
     out = Path(args.results or Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     docs = Path(args.docs) if args.docs else None
@@ -273,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_ci_render(args: argparse.Namespace) -> int:
-    from .pipelines import render_pipeline
+    from fastrestart.campaign.pipelines import render_pipeline
 
     print(render_pipeline(args.engine, Path(args.matrix), Path(args.output)))
     return 0
@@ -281,7 +281,7 @@ def cmd_ci_render(args: argparse.Namespace) -> int:
 
 def cmd_kernel_build(args: argparse.Namespace) -> int:
     """Build (or find cached) a kernel; the last stdout line is its spec, for scripts."""
-    from .kernelbuild import build_kernel
+    from fastrestart.artifacts.kernelbuild import build_kernel
 
     progress = Progress("kernel build")
     built = build_kernel(args.source, series=Path(args.series) if args.series else None,
@@ -294,7 +294,7 @@ def cmd_kernel_build(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import DEFAULT_MATRIX, validate
+    from fastrestart.campaign.validate import DEFAULT_MATRIX, validate
 
     out = Path(args.results or Path("results") / f"validate-{time.strftime('%Y%m%d-%H%M%S')}")
     return validate(args.base, args.patched, Path(args.matrix or DEFAULT_MATRIX), out, parallel=args.parallel)

@@ -6,11 +6,11 @@ typo is refused before anything is probed, with the list of what is allowed.
 
 from __future__ import annotations
 
-from .devices import DEVICE_CLASSES
-from .errors import UsageError
-from .faults import FAULTS
-from .modes import MODES
-from .rig import EDU_IRQ_MODES, parse_size_mib
+from fastrestart.errors import UsageError
+from fastrestart.restart.faults import FAULTS
+from fastrestart.restart.modes import MODES
+from fastrestart.vm.devices import DEVICE_CLASSES
+from fastrestart.vm.rig import EDU_IRQ_MODES, parse_size_mib
 
 L1_QEMU_SUITES = {"bookworm": "QEMU 7.2", "trixie": "QEMU 10.0", "sid": "QEMU 11.x"}
 """Debian suites whose QEMU can run in L1."""

@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 
 from avocado import Test
-
-from harness import results
-from harness.runner import Cell, run_cell
+from fastrestart.campaign import results
+from fastrestart.campaign.runner import Cell, run_cell
 
 
 def cell_from_params(params, name: str) -> Cell:

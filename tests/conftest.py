@@ -12,8 +12,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from harness.errors import RigFault
+from fastrestart.errors import RigFault
 
 MAX_RERUNS = 2
 

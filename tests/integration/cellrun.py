@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import RigFault
-from harness.results import is_rig_error
-from harness.runner import Cell, run_cell
+from fastrestart.campaign.results import is_rig_error
+from fastrestart.campaign.runner import Cell, run_cell
+from fastrestart.errors import RigFault
 
 
 def run(tmp_path: Path, name: str = "run", **cell) -> dict:

@@ -8,8 +8,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from harness.bench import BenchOptions, run_bench
+from fastrestart.campaign.bench import BenchOptions, run_bench
 
 pytestmark = pytest.mark.vm
 

@@ -50,8 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from harness import guestmodules
+from fastrestart.artifacts import guestmodules
 
 pexpect = pytest.importorskip("pexpect")
 

@@ -14,8 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from harness import pipelines, results
+from fastrestart.campaign import pipelines, results
 
 pytestmark = pytest.mark.vm  # the cells probe real QEMU binaries
 

@@ -8,9 +8,9 @@ kernel lives in test_luo_vm.py.
 from __future__ import annotations
 
 import pytest
-
-from harness import REPO, kernelbuild, kernels
-from harness.runner import Cell, run_cell
+from fastrestart import REPO
+from fastrestart.artifacts import kernelbuild, kernels
+from fastrestart.campaign.runner import Cell, run_cell
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 

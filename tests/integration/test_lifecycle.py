@@ -36,7 +36,7 @@ def start(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
     def launch(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--results", str(tmp_path / "run")],
+        proc = subprocess.Popen([sys.executable, "-m", "fastrestart.cli", *args, "--results", str(tmp_path / "run")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=Path(__file__).resolve().parents[2])
         procs.append(proc)
@@ -111,8 +111,8 @@ def test_a_stalled_l2_console_is_reconnected(tmp_path, monkeypatch):
     """Seen here: L0 got one byte of L2's READY line, then nothing, while the guest ran on. With the
     stall window shorter than any boot, the first wait always 'stalls': the run must reconnect the
     console, go on, and say so in its evidence."""
-    from harness import rig
-    from harness.runner import Cell, run_cell
+    from fastrestart.campaign.runner import Cell, run_cell
+    from fastrestart.vm import rig
 
     monkeypatch.setattr(rig, "CONSOLE_STALL_S", 2)
     result = run_cell(Cell(devices=(), mode="ignore-shared", mem_check_mib=16), tmp_path / "run")
@@ -126,9 +126,9 @@ def test_a_stalled_l2_console_is_reconnected(tmp_path, monkeypatch):
 def test_a_first_l1_boot_that_hangs_is_retried_once(tmp_path, monkeypatch):
     """L1's first boot, before anything under test happened, may hang under loaded TCG (seen: CPU0's
     tick stopped). The rig stops that L1, boots another, and the evidence names the failed try."""
-    from harness import console, rig
-    from harness.errors import ConsoleTimeout
-    from harness.runner import Cell, run_cell
+    from fastrestart.campaign.runner import Cell, run_cell
+    from fastrestart.errors import ConsoleTimeout
+    from fastrestart.vm import console, rig
 
     real_expect, hung = console.Console.expect, []
 

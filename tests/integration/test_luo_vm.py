@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 from cellrun import run
-
-from harness import kernels
-from harness.errors import UsageError
-from harness.paths import cache_dir
+from fastrestart.artifacts import kernels
+from fastrestart.errors import UsageError
+from fastrestart.paths import cache_dir
 
 pytestmark = pytest.mark.vm
 

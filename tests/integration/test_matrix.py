@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from fastrestart.campaign import results
 from tools import tool as venv_tool
-
-from harness import results
 
 REPO = Path(__file__).resolve().parents[2]
 MATRIX = """\
@@ -34,7 +33,7 @@ def matrix(tmp_path) -> Path:
 
 def test_matrix_runs_cells_in_parallel_and_reports(tmp_path, matrix):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "matrix", str(matrix), "--parallel", "2",
+    proc = subprocess.run([sys.executable, "-m", "fastrestart.cli", "matrix", str(matrix), "--parallel", "2",
                            "--results", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = {r["cell"]: r for r in results.collect(out)}

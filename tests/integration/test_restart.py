@@ -11,8 +11,7 @@ import os
 
 import pytest
 from cellrun import run
-
-from harness import results
+from fastrestart.campaign import results
 
 pytestmark = pytest.mark.vm
 

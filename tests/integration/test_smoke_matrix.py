@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from fastrestart.campaign import report, results
 from tools import tool as venv_tool
-
-from harness import report, results
 
 pytestmark = pytest.mark.vm
 
@@ -45,7 +44,7 @@ def avocado_statuses(job_dir: Path) -> dict[str, tuple[str, str]]:
 @pytest.mark.skipif(not venv_tool("avocado"), reason="avocado is not installed (./setup installs it)")
 def test_smoke_matrix_for_real_and_avocado_agrees(tmp_path):
     out = tmp_path / "matrix"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "matrix", str(SMOKE), "--parallel", "2",
+    proc = subprocess.run([sys.executable, "-m", "fastrestart.cli", "matrix", str(SMOKE), "--parallel", "2",
                            "--results", str(out)], capture_output=True, text=True, timeout=3600, cwd=REPO)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""harness.bench: the route schedule, the aggregation (medians, spread, ratios, targets) and the
+"""fastrestart.campaign.bench: the route schedule, the aggregation (medians, spread, ratios, targets) and the
 rendered Markdown and SVGs. Golden files: tests/golden/bench/; regenerate with
 FASTRESTART_UPDATE_GOLDEN=1."""
 
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from fastrestart.campaign import bench
+from fastrestart.campaign.report import environment
+from fastrestart.errors import UsageError
 from goldens import assert_golden
-
-from harness import bench
-from harness.errors import UsageError
-from harness.report import environment
 
 
 def _cycle(route: str, size: int, repeat: int, qmp: float | None, firmware: str = "seabios",
@@ -229,7 +228,7 @@ def test_each_cycle_sets_x_ignore_shared_both_ways(ignore_shared: bool) -> None:
     """A QEMU that came in with x-ignore-shared on keeps it: a ram-copy cycle must turn it off."""
     from types import SimpleNamespace
 
-    from harness.modes import MODES
+    from fastrestart.restart.modes import MODES
 
     l2 = SimpleNamespace(qmp=_Qmp())
     flow = SimpleNamespace(ignore_shared=ignore_shared, caps=SimpleNamespace(capabilities={"x-ignore-shared"}))

@@ -15,9 +15,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
-
-from harness import checks, workloads
-from harness.errors import StepError
+from fastrestart.artifacts import workloads
+from fastrestart.errors import StepError
+from fastrestart.restart import checks
 
 EDU_LINE = (
     '{"bdf":"0000:01:00.0","backend":"uio","irq":"msi","size":2048,"slots":1024,"transfers":116,'

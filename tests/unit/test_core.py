@@ -7,16 +7,16 @@ import socket
 import threading
 
 import pytest
-
-from harness import accel, checks, faults, modes
-from harness.cli import main
-from harness.console import Console
-from harness.devices import Edu, IntelIommu, Nvme, UserNet
-from harness.errors import GuestPanic, RigFault, StepError, Unsupported, UsageError
-from harness.guest import L2Spec, RamBackend, VfioPci
-from harness.kernels import resolve
-from harness.probes import QemuCaps, caps_from_replies
-from harness.rig import Layout, parse_size_mib
+from fastrestart.artifacts.kernels import resolve
+from fastrestart.cli import main
+from fastrestart.errors import GuestPanic, RigFault, StepError, Unsupported, UsageError
+from fastrestart.restart import checks, faults, modes
+from fastrestart.restart.probes import QemuCaps, caps_from_replies
+from fastrestart.vm import accel
+from fastrestart.vm.console import Console
+from fastrestart.vm.devices import Edu, IntelIommu, Nvme, UserNet
+from fastrestart.vm.guest import L2Spec, RamBackend, VfioPci
+from fastrestart.vm.rig import Layout, parse_size_mib
 
 # -- memory layout -----------------------------------------------------------------------------
 
@@ -309,8 +309,8 @@ def test_console_panic_fails_at_once(tmp_path):
 def test_a_long_wait_ends_when_the_watchdog_says_the_guest_is_gone(tmp_path, monkeypatch):
     import time
 
-    from harness import console as console_mod
-    from harness.errors import ConsoleTimeout
+    from fastrestart.errors import ConsoleTimeout
+    from fastrestart.vm import console as console_mod
 
     monkeypatch.setattr(console_mod, "WATCHDOG_S", 0.2)
     ours, theirs = socket.socketpair()  # nothing ever answers
@@ -365,7 +365,7 @@ def test_hotplug_segments_combine_into_one_verdict():
 def test_a_closure_is_what_apt_would_install_not_the_whole_archive_cache(tmp_path, monkeypatch):
     """The cache also holds kernels, other closures and superseded versions: none of them may
     leak into an image (or into its cache key)."""
-    from harness.debian import AptRoot
+    from fastrestart.artifacts.debian import AptRoot
 
     apt = AptRoot("trixie", root=tmp_path)
     simulated = ("NOTE: This is only a simulation!\n"

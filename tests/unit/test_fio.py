@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from harness import checks, faults, images, workloads
-from harness.errors import StepError, UsageError
+from fastrestart.artifacts import images, workloads
+from fastrestart.errors import StepError, UsageError
+from fastrestart.restart import checks, faults
 
 DISK_MIB = 256  # the size of L2's NVMe namespace
 

@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from harness import checks, guestmodules, rig
-from harness.errors import UsageError
-from harness.kernels import Kernel, resolve
+from fastrestart.artifacts import guestmodules
+from fastrestart.artifacts.kernels import Kernel, resolve
+from fastrestart.errors import UsageError
+from fastrestart.restart import checks
+from fastrestart.vm import rig
 
 PATH_KERNEL = Kernel("path:/nowhere", "6.12.0-custom", Path("/nowhere/bzImage"), Path("/nowhere"), None)
 

@@ -10,12 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from harness import modes, workloads
-from harness.errors import Unsupported
-from harness.guest import RamBackend
-from harness.kernels import Kernel
-from harness.probes import QemuCaps
+from fastrestart.artifacts import workloads
+from fastrestart.artifacts.kernels import Kernel
+from fastrestart.errors import Unsupported
+from fastrestart.restart import modes
+from fastrestart.restart.probes import QemuCaps
+from fastrestart.vm.guest import RamBackend
 
 LUO_CONFIG = """CONFIG_KEXEC=y
 CONFIG_KEXEC_FILE=y

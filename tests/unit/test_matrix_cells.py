@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from harness import matrix, results
+from fastrestart.campaign import matrix, results
 
 PASSING = {"schema": 1, "cell": "c", "verdict": "PASS", "reason": "", "mode": "cpr-reboot", "accel": "tcg",
            "params": {}, "phases": {}, "checks": {"liveness": {"verdict": "PASS"}}, "error": None}

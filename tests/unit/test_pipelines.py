@@ -1,4 +1,4 @@
-"""harness.pipelines: matrix files, `fastrestart run` arguments and the rendered CI pipelines.
+"""fastrestart.campaign.pipelines: matrix files, `fastrestart run` arguments and the rendered CI pipelines.
 Golden files: tests/golden/pipelines/; regenerate with FASTRESTART_UPDATE_GOLDEN=1."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fastrestart.campaign import pipelines
+from fastrestart.errors import UsageError
 from goldens import GOLDEN, assert_golden
 from tools import tool as venv_tool
-
-from harness import pipelines
-from harness.errors import UsageError
 
 MATRIX = GOLDEN / "fixtures" / "matrix.yaml"
 NAMES = ["trixie-cpr-reboot", "bookworm-cpr-reboot-unsupported", "trixie-mem-flip",

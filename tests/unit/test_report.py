@@ -1,4 +1,4 @@
-"""harness.report: the conformance report (Markdown, HTML, SVG, results.json). Golden files:
+"""fastrestart.campaign.report: the conformance report (Markdown, HTML, SVG, results.json). Golden files:
 tests/golden/report/; regenerate with FASTRESTART_UPDATE_GOLDEN=1."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from fastrestart.campaign import report, results
 from goldens import FIXTURES, assert_golden
-
-from harness import report, results
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

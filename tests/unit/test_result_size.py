@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from harness.results import results_dir_size
-from harness.rig import Rig, RigConfig
+from fastrestart.campaign.results import results_dir_size
+from fastrestart.vm.rig import Rig, RigConfig
 
 
 def test_results_dir_size_counts_every_file_at_any_depth(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""harness.results: loading and writing result.json, collecting a results tree, the retry policy
+"""fastrestart.campaign.results: loading and writing result.json, collecting a results tree, the retry policy
 and JUnit XML. Golden files: tests/golden/results/; regenerate with FASTRESTART_UPDATE_GOLDEN=1."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from fastrestart.campaign import results
+from fastrestart.campaign.results import ResultError
+from fastrestart.errors import UsageError
 from goldens import FIXTURES, assert_golden
-
-from harness import results
-from harness.errors import UsageError
-from harness.results import ResultError
 
 
 @pytest.fixture

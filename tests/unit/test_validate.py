@@ -6,10 +6,9 @@ import json
 
 import pytest
 import yaml
+from fastrestart.campaign import validate as va
+from fastrestart.campaign.pipelines import cell_args, load_matrix
 from goldens import assert_golden
-
-from harness import validate as va
-from harness.pipelines import cell_args, load_matrix
 
 
 def result(cell: str, verdict: str, reason: str = "", qmp: float | None = 0.05, guest: float | None = 1.5,
@@ -125,7 +124,7 @@ def test_side_matrix_overrides_kernel_and_reloads(tmp_path):
 def test_validate_runs_each_side_on_its_kernel_and_exits_1_on_a_regression(monkeypatch, tmp_path, capsys):
     """The orchestration, with the matrix runner replaced: each side's matrix names its kernel,
     both result trees are diffed, diff.md is printed and the exit code follows the diff."""
-    from harness import results as res
+    from fastrestart.campaign import results as res
 
     matrix = tmp_path / "m.yaml"
     matrix.write_text("cells:\n  - {name: a, mode: ignore-shared, devices: []}\n  - {name: b, mode: luo}\n")

@@ -1,7 +1,7 @@
 """Every way a run can end, and the verdict it leaves: `fastrestart run` driven with a fake rig and
 a fake flow that fail at each step in each way (seconds, no VM).
 
-The rules under test (harness/runner.py, attribute and decide):
+The rules under test (harness/campaign/runner.py, attribute and decide):
 - only a completed flow with a restart, liveness PASS and every other check PASS or UNSUPPORTED
   with a reason is PASS;
 - before `save`, a failure is the rig's ERROR; from `save` on it is the restart's liveness FAIL,
@@ -17,12 +17,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from harness import cli, runner
-from harness.checks import CHECKS, verdict
-from harness.errors import (
+from fastrestart import cli
+from fastrestart.campaign import runner
+from fastrestart.campaign.results import is_rig_error, should_retry
+from fastrestart.errors import (
     CheckFailed,
     ConsoleTimeout,
     GuestPanic,
@@ -31,8 +29,10 @@ from harness.errors import (
     Unsupported,
     UsageError,
 )
-from harness.machine import Terminated
-from harness.results import is_rig_error, should_retry
+from fastrestart.restart.checks import CHECKS, verdict
+from fastrestart.vm.machine import Terminated
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 STEPS = ["prepare", "save", "record", "kexec", "boot", "reserve", "enumerate", "reload", "restore", "resume",
          "end_cycle", "verify"]

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from harness import workloads
-from harness.errors import StepError, UsageError
+from fastrestart.artifacts import workloads
+from fastrestart.errors import StepError, UsageError
 
 GCC_MISSING = "gcc is missing: the workloads cannot be built (apt-get install gcc libc6-dev)"
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason=GCC_MISSING)

@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accel as accel_mod
-from . import guest, guestmodules, images, kernels
-from .devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
-from .errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, StepError, UsageError
-from .guest import (
+from fastrestart.artifacts import guestmodules, images, kernels
+from fastrestart.errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, StepError, UsageError
+from fastrestart.paths import cache_dir
+from fastrestart.vm import accel as accel_mod
+from fastrestart.vm import guest
+from fastrestart.vm.devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
+from fastrestart.vm.guest import (
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
     L2,
@@ -33,8 +35,7 @@ from .guest import (
     parse_pid,
     start_command,
 )
-from .machine import Machine
-from .paths import cache_dir
+from fastrestart.vm.machine import Machine
 
 MIB = 1 << 20
 SECTION_MIB = 128  # memory hotplug section: PMEM regions are aligned to it

@@ -17,10 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-from .console import Console, connect_unix
-from .errors import StepError
-from .paths import socket_dir
-from .qmp import Qmp
+from fastrestart.errors import StepError
+from fastrestart.paths import socket_dir
+from fastrestart.vm.console import Console, connect_unix
+from fastrestart.vm.qmp import Qmp
 
 PR_SET_PDEATHSIG = 1
 _children: set[subprocess.Popen] = set()

@@ -18,8 +18,7 @@ from typing import IO
 
 import pexpect
 import pexpect.fdpexpect
-
-from .errors import ConsoleTimeout, GuestPanic, StepError
+from fastrestart.errors import ConsoleTimeout, GuestPanic, StepError
 
 WATCHDOG_S = 10
 PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*|Attempted to kill init[^\r\n]*")

@@ -14,8 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import UsageError
-from .paths import cache_dir
+from fastrestart.errors import UsageError
+from fastrestart.paths import cache_dir
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 

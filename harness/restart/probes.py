@@ -14,10 +14,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .images import Userspace
-from .kernels import Kernel
-from .paths import artifact_lock, cache_dir, content_key
+from fastrestart.artifacts.images import Userspace
+from fastrestart.artifacts.kernels import Kernel
+from fastrestart.errors import UsageError
+from fastrestart.paths import artifact_lock, cache_dir, content_key
 
 # Where the schema cannot tell: the QEMU release that made vfio-pci work with each CPR mode.
 VFIO_CPR_SINCE = {"cpr-reboot": (9, 0), "cpr-transfer": (10, 1)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from fastrestart.errors import UsageError
 
 
 @dataclass(frozen=True)

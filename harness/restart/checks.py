@@ -12,13 +12,13 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from . import workloads
-from .errors import RigFault, StepError
+from fastrestart.artifacts import workloads
+from fastrestart.errors import RigFault, StepError
 
 if TYPE_CHECKING:
-    from .guest import L2
-    from .qmp import Qmp
-    from .rig import Rig
+    from fastrestart.vm.guest import L2
+    from fastrestart.vm.qmp import Qmp
+    from fastrestart.vm.rig import Rig
 
 WORK = "/run/fr"
 CHECKS = ["liveness", "memory", "dma", "interrupts"]

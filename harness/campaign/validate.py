@@ -1,6 +1,6 @@
 """`fastrestart validate`: the same cells on a base and a patched kernel, and the verdict diff (docs/design.md §8.5).
 
-Each side is an ordinary `fastrestart matrix` run (`harness.matrix.run_matrix`: isolated cell
+Each side is an ordinary `fastrestart matrix` run (`fastrestart.campaign.matrix.run_matrix`: isolated cell
 processes, one retry after an ERROR, a conformance report per side) of the matrix with every
 cell's `kernel` replaced by the side's kernel. The diff is then made from the two results trees:
 
@@ -21,15 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+from fastrestart import DATA
+from fastrestart.artifacts import kernels
+from fastrestart.campaign import results as res
+from fastrestart.campaign.matrix import run_matrix
+from fastrestart.campaign.pipelines import load_matrix
+from fastrestart.campaign.report import environment
+from fastrestart.errors import UsageError
 
-from harness import REPO, kernels
-from harness import results as res
-from harness.errors import UsageError
-from harness.matrix import run_matrix
-from harness.pipelines import load_matrix
-from harness.report import environment
-
-DEFAULT_MATRIX = REPO / "kernels" / "validate.yaml"
+DEFAULT_MATRIX = DATA / "kernels" / "validate.yaml"
 SIDES = ("base", "patched")
 DOWNTIME_KINDS = ("qmp", "guest")
 NOTABLE_RATIO = 1.2

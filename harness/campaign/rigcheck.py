@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import checks
-from .rig import Rig, RigConfig, parse_size_mib
-from .runner import Cell
+from fastrestart.campaign.runner import Cell
+from fastrestart.restart import checks
+from fastrestart.vm.rig import Rig, RigConfig, parse_size_mib
 
 
 def _config(cell: Cell) -> RigConfig:

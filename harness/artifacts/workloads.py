@@ -26,10 +26,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import REPO
-from .errors import StepError, UsageError
+from fastrestart import DATA
+from fastrestart.errors import StepError, UsageError
 
-SOURCE_DIR = REPO / "guests" / "workloads"
+SOURCE_DIR = DATA / "guests" / "workloads"
 CFLAGS = ("-O2", "-static", "-Wall", "-Wextra")
 # Headers every workload includes: a change to one rebuilds them all.
 HEADERS = ("workload.h",)

@@ -19,11 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import results
-from .errors import UsageError
-from .machine import interruption
-from .pipelines import cell_args, load_matrix
-from .report import render_report
+from fastrestart.campaign import results
+from fastrestart.campaign.pipelines import cell_args, load_matrix
+from fastrestart.campaign.report import render_report
+from fastrestart.errors import UsageError
+from fastrestart.vm.machine import interruption
 
 CELL_TIMEOUT_S = 45 * 60
 STOP_GRACE_S = 90  # a cell told to stop tears its rig down and writes its result within this
@@ -85,7 +85,7 @@ def _consistent(result: dict, code: int) -> bool:
 
 def _run_attempt(cell: dict, cell_dir: Path, attempt: int, cells: _Cells) -> dict:
     run_dir = cell_dir / f"attempt-{attempt}"
-    command = [sys.executable, "-m", "harness.cli", "run", *cell_args(cell), "--results", str(run_dir)]
+    command = [sys.executable, "-m", "fastrestart.cli", "run", *cell_args(cell), "--results", str(run_dir)]
     log_path = cell_dir / f"attempt-{attempt}.log"
     with log_path.open("w") as log:
         proc = cells.start(command, log)

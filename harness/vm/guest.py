@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .console import Console, connect_tcp
-from .devices import Device, IntelIommu, _props
-from .errors import StepError
-from .qmp import Qmp
+from fastrestart.errors import StepError
+from fastrestart.vm.console import Console, connect_tcp
+from fastrestart.vm.devices import Device, IntelIommu, _props
+from fastrestart.vm.qmp import Qmp
 
 L1_QMP_PORTS = (4444, 4445)
 L1_CONSOLE_PORTS = (5555, 5556)

@@ -18,12 +18,12 @@ import urllib.parse
 from pathlib import Path
 
 import jinja2
+from fastrestart import PACKAGE
+from fastrestart.campaign import results as res
+from fastrestart.errors import UsageError
 from markupsafe import Markup
 
-from harness import results as res
-from harness.errors import UsageError
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = PACKAGE / "templates"
 DEFAULT_TITLE = "fastrestart conformance"
 MODES = ("ignore-shared", "cpr-reboot", "cpr-transfer", "cpr-exec", "luo")
 """Restart modes in the order the report shows them (docs/design.md §6); others follow, sorted."""

@@ -16,12 +16,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import REPO, kernels
-from .debian import AptRoot, extract
-from .errors import UsageError
-from .paths import artifact_lock, cache_dir, content_key
+from fastrestart import DATA
+from fastrestart.artifacts import kernels
+from fastrestart.artifacts.debian import AptRoot, extract
+from fastrestart.errors import UsageError
+from fastrestart.paths import artifact_lock, cache_dir, content_key
 
-SOURCE_DIR = REPO / "guests" / "modules"
+SOURCE_DIR = DATA / "guests" / "modules"
 # What kbuild runs besides the compiler. Essential packages: no package declares them.
 BUILD_TOOLS = ["make", "libc6-dev", "bash", "dash", "coreutils", "sed", "grep", "mawk", "findutils",
                "diffutils"]

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .debian import AptRoot, extract
-from .errors import FastRestartError, UsageError
-from .paths import artifact_lock, cache_dir, content_key
+from fastrestart.artifacts.debian import AptRoot, extract
+from fastrestart.errors import FastRestartError, UsageError
+from fastrestart.paths import artifact_lock, cache_dir, content_key
 
 Progress = Callable[[str], None]
 

@@ -20,11 +20,10 @@ import shlex
 from pathlib import Path
 
 import yaml
-
-from harness import REPO, options
-from harness.errors import UsageError
-from harness.report import environment
-from harness.results import CHECKS, parse_expect
+from fastrestart import REPO, options
+from fastrestart.campaign.report import environment
+from fastrestart.campaign.results import CHECKS, parse_expect
+from fastrestart.errors import UsageError
 
 RUN_OPTIONS = ("kernel", "to_kernel", "l1_qemu", "mode", "devices", "l2_mem", "inject", "cycles",
                "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu",

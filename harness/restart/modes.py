@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from .errors import CheckFailed, StepError, Unsupported
-from .guest import L2, STATE_DIR
-from .probes import LUO_KERNEL_OPTIONS, LUO_PASSTHROUGH_OPTIONS, VFIO_CPR_SINCE, QemuCaps
-from .workloads import parse_l1tool
+from fastrestart.artifacts.workloads import parse_l1tool
+from fastrestart.errors import CheckFailed, StepError, Unsupported
+from fastrestart.restart.probes import LUO_KERNEL_OPTIONS, LUO_PASSTHROUGH_OPTIONS, VFIO_CPR_SINCE, QemuCaps
+from fastrestart.vm.guest import L2, STATE_DIR
 
 if TYPE_CHECKING:
-    from .flow import Flow
-    from .kernels import Kernel
+    from fastrestart.artifacts.kernels import Kernel
+    from fastrestart.restart.flow import Flow
 
 STATE_FILE = f"{STATE_DIR}/l2.state"
 

@@ -21,11 +21,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import REPO
-from .debian import SUITES, AptRoot, extract
-from .errors import UsageError
-from .kernels import Kernel
-from .paths import artifact_lock, cache_dir, content_key
+from fastrestart import DATA
+from fastrestart.artifacts.debian import SUITES, AptRoot, extract
+from fastrestart.artifacts.kernels import Kernel
+from fastrestart.errors import UsageError
+from fastrestart.paths import artifact_lock, cache_dir, content_key
 
 BUSYBOX = Path("/bin/busybox")
 RECIPE_VERSION = 4  # bump to invalidate every cached image after a recipe change
@@ -156,8 +156,8 @@ def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str],
                extra_modules: tuple[Path, ...] = ()) -> Path:
     """``trees``: finished directory trees (each in its own content-keyed cache dir) copied in.
     ``extra_modules``: out-of-tree ``.ko`` files (each in a content-keyed cache dir), loadable by modprobe."""
-    sources = tuple(REPO / "guests" / "workloads" / f"{name}.c" for name in tools)
-    sources += (REPO / "guests" / "workloads" / "workload.h",) if tools else ()
+    sources = tuple(DATA / "guests" / "workloads" / f"{name}.c" for name in tools)
+    sources += (DATA / "guests" / "workloads" / "workload.h",) if tools else ()
     key = content_key(RECIPE_VERSION, layer, kernel.release, str(kernel.image), modules,
                       BUSYBOX.stat().st_size if BUSYBOX.exists() else 0, [str(t) for t in trees],
                       [str(m) for m in extra_modules], files=(init, *sources, *scripts))
@@ -178,7 +178,7 @@ def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[
         loadable = _install_modules(kernel, modules, root, extra_modules)
         (root / "etc" / "fastrestart" / "modules").write_text("\n".join(loadable) + "\n")
         if tools:
-            from . import workloads  # the C workloads are compiled on demand
+            from fastrestart.artifacts import workloads  # the C workloads are compiled on demand
 
             for name in tools:
                 workloads.build(name, root / "usr" / "local" / "bin")
@@ -194,15 +194,15 @@ def _build_initramfs(out: Path, kernel: Kernel, modules: list[str], tools: list[
 
 def l1_initramfs(kernel: Kernel) -> Path:
     """The L1 host's initramfs for this kernel."""
-    return _initramfs("l1", kernel, L1_MODULES, L1_TOOLS, REPO / "guests" / "l1" / "init")
+    return _initramfs("l1", kernel, L1_MODULES, L1_TOOLS, DATA / "guests" / "l1" / "init")
 
 
 def l2_initramfs(kernel: Kernel, with_fio: bool = False, extra_modules: tuple[Path, ...] = ()) -> Path:
     """The L2 guest's initramfs for this kernel, with the workloads (and fio, for an NVMe check:
     57 MiB of L2's RAM, twice while it boots). ``extra_modules`` are loaded on demand (modprobe),
     not at boot."""
-    return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, REPO / "guests" / "l2" / "init",
-                      scripts=(REPO / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),) if with_fio else (),
+    return _initramfs("l2", kernel, L2_MODULES, L2_WORKLOADS, DATA / "guests" / "l2" / "init",
+                      scripts=(DATA / "guests" / "l2" / "fr-suspend",), trees=(fio_tree(),) if with_fio else (),
                       extra_modules=extra_modules)
 
 

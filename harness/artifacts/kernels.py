@@ -14,9 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .debian import SUITES, AptRoot, extract
-from .errors import UsageError
-from .paths import artifact_lock, cache_dir
+from fastrestart.artifacts.debian import SUITES, AptRoot, extract
+from fastrestart.errors import UsageError
+from fastrestart.paths import artifact_lock, cache_dir
 
 SPEC_HELP = ("Kernel specs: debian:SUITE (one of " + ", ".join(SUITES) + "), debian:VERSION "
              "(e.g. debian:6.12.57+deb13), path:DIR (a bzImage or vmlinuz plus lib/modules/<release>), "

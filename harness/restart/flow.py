@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checks, faults
-from .errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, RigFault, StepError
-from .guest import DEAD_RUNSTATES, L2
-from .modes import Mode
-from .probes import QemuCaps
-from .rig import BOOT_DEADLINE_S, READY_L1, Rig
+from fastrestart.errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, RigFault, StepError
+from fastrestart.restart import checks, faults
+from fastrestart.restart.modes import Mode
+from fastrestart.restart.probes import QemuCaps
+from fastrestart.vm.guest import DEAD_RUNSTATES, L2
+from fastrestart.vm.rig import BOOT_DEADLINE_S, READY_L1, Rig
 
 PCI_COMMAND_BITS = {"I/O Space": 0x1, "Memory Space": 0x2, "Bus Master": 0x4}
 PHASES = ["prepare", "save", "record", "kexec", "boot", "reserve", "enumerate", "reload", "restore",

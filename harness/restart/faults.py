@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import StepError, Unsupported, UsageError
-from .workloads import FIO_BS, FIO_DATASET_MIB, parse_l1tool
+from fastrestart.artifacts.workloads import FIO_BS, FIO_DATASET_MIB, parse_l1tool
+from fastrestart.errors import StepError, Unsupported, UsageError
 
 if TYPE_CHECKING:
-    from .flow import Flow
-    from .rig import Rig
+    from fastrestart.restart.flow import Flow
+    from fastrestart.vm.rig import Rig
 
 @dataclass(frozen=True)
 class Fault:

@@ -34,11 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checks, images, modes, probes
-from .errors import Unsupported, UsageError
-from .flow import CheckFailed, Flow, FlowOptions, step
-from .report import FONT_W, PAD, PHASE_COLOURS, environment, legend_layout
-from .rig import Rig, RigConfig, parse_size_mib
+from fastrestart.artifacts import images
+from fastrestart.campaign.report import FONT_W, PAD, PHASE_COLOURS, environment, legend_layout
+from fastrestart.errors import Unsupported, UsageError
+from fastrestart.restart import checks, modes, probes
+from fastrestart.restart.flow import CheckFailed, Flow, FlowOptions, step
+from fastrestart.vm.rig import Rig, RigConfig, parse_size_mib
 
 SCHEMA = 1
 ROUTES = ("fast-restart", "ram-copy", "firmware-reboot-seabios", "firmware-reboot-ovmf", "cpr-transfer",

@@ -18,7 +18,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.errors import UsageError
+from fastrestart.errors import UsageError
 
 SCHEMA = 1
 RESULT_FILE = "result.json"
@@ -217,7 +217,7 @@ def expectation(result: dict) -> str | None:
     verdict, check = parse_expect(expect)
     inject = result.get("inject") or (result.get("params") or {}).get("inject")
     if verdict == FAIL and check is None and inject:
-        from .faults import FAULTS  # the fault's own declaration says which check must catch it
+        from fastrestart.restart.faults import FAULTS  # the fault's own declaration says which check must catch it
 
         check = FAULTS[inject].check if inject in FAULTS else None
     return f"{verdict}:{check}" if check else verdict

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastrestart.errors import StepError
 from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from .errors import StepError
 
 GIVE_UP_POLL_S = 5
 

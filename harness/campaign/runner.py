@@ -15,12 +15,15 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import faults, images, kernels, modes, options, probes, results
-from .checks import CHECKS, not_run, verdict
-from .errors import CheckFailed, FastRestartError, GuestPanic, RigFault, Unsupported, UsageError
-from .flow import PHASES, Flow, FlowOptions, summarize_phases
-from .machine import interruption, signals_deferred
-from .rig import Rig, RigConfig, l0_qemu, parse_size_mib
+from fastrestart import options
+from fastrestart.artifacts import images, kernels
+from fastrestart.campaign import results
+from fastrestart.errors import CheckFailed, FastRestartError, GuestPanic, RigFault, Unsupported, UsageError
+from fastrestart.restart import faults, modes, probes
+from fastrestart.restart.checks import CHECKS, not_run, verdict
+from fastrestart.restart.flow import PHASES, Flow, FlowOptions, summarize_phases
+from fastrestart.vm.machine import interruption, signals_deferred
+from fastrestart.vm.rig import Rig, RigConfig, l0_qemu, parse_size_mib
 
 
 @dataclass
@@ -319,8 +322,8 @@ def decide(result: dict) -> None:
 
 def doctor_facts() -> dict:
     """What `fastrestart doctor` reports (no boot)."""
-    from . import accel as accel_mod
-    from .paths import cache_dir
+    from fastrestart.paths import cache_dir
+    from fastrestart.vm import accel as accel_mod
 
     facts: dict = {"accel": asdict(accel_mod.detect())}
     try:
