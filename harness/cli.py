@@ -16,10 +16,9 @@ import tty
 from pathlib import Path
 
 from fastrestart.campaign import results
-from fastrestart.campaign.runner import Cell, doctor_facts, run_cell
+from fastrestart.campaign.runner import doctor_facts, run_cell
 from fastrestart.errors import FastRestartError, UsageError
-from fastrestart.options import CHOICES, L1_QEMU_SUITES
-from fastrestart.restart.faults import FAULTS
+from fastrestart.options import FAULT, FLOW, RIG, add_arguments, at_least_one, cell_from_args
 from fastrestart.vm.machine import Terminated, install_signal_handlers, interruption, kill_all_children
 
 EXIT = {"PASS": 0, "FAIL": 1, "ERROR": 3, "UNSUPPORTED": 4}
@@ -46,36 +45,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _cell_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", default="debian:trixie", help="L1 kernel spec (default debian:trixie)")
-    parser.add_argument("--to-kernel", help="kernel to kexec into (default: the same kernel)")
-    parser.add_argument("--l2-kernel", default="debian:trixie", help="L2 guest kernel spec")
-    parser.add_argument("--l1-qemu", default="trixie", choices=CHOICES["l1_qemu"],
-                        help="QEMU in L1: " + ", ".join(f"{k} ({v})" for k, v in L1_QEMU_SUITES.items()))
-    parser.add_argument("--l0-qemu", choices=CHOICES["l0_qemu"],
-                        help="QEMU on L0 (default auto: the system's if >= 9.0, else trixie's)")
-    parser.add_argument("--accel", choices=CHOICES["accel"], help="accelerator for L1 (default: detect)")
-    parser.add_argument("--devices", default="edu,nvme", help="assigned devices, comma separated, or 'none'")
-    parser.add_argument("--l2-mem", default="256M", help="L2 RAM, e.g. 256M or 2G")
-    parser.add_argument("--ram-backend", default="auto", choices=CHOICES["ram_backend"],
-                        help="where L2's RAM lives in L1's PMEM (default auto: devdax with devices, else fsdax)")
-    parser.add_argument("--l2-iommu", action="store_true",
-                        help="give L2 an intel-iommu: edu then runs on vfio-pci in L2")
-    parser.add_argument("--edu-irq", default="auto", choices=CHOICES["edu_irq"],
-                        help="edu's interrupts in L2 (default auto: MSI through our edu_uio module, built for "
-                             "the L2 kernel; INTx through uio_pci_generic if it cannot be built)")
-
-
-def _cell_from(args: argparse.Namespace, **extra) -> Cell:
-    devices = tuple(d for d in args.devices.split(",") if d and d != "none")
-    return Cell(kernel=args.kernel, to_kernel=args.to_kernel, l2_kernel=args.l2_kernel, l1_qemu=args.l1_qemu,
-                l0_qemu=args.l0_qemu, accel=args.accel, devices=devices, l2_mem=args.l2_mem,
-                ram_backend=args.ram_backend, l2_iommu=args.l2_iommu, edu_irq=args.edu_irq, **extra)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cell = _cell_from(args, mode=args.mode, cycles=args.cycles, inject=args.inject,
-                      shared_ram=not args.no_shared_ram, mem_check_mib=args.mem_check, keep_images=args.keep_images)
+    cell = cell_from_args(args)
     run_dir = Path(args.results or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
     progress = Progress(cell.label())
     result = run_cell(cell, run_dir, progress)
@@ -111,7 +82,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     tally: dict[str, dict[str, int]] = {}
     verdicts: list[str] = []
     for run in range(1, args.runs + 1):
-        cell = _cell_from(args, cycles=args.cycles, name=f"soak-{run}")
+        cell = cell_from_args(args, name=f"soak-{run}")
         progress = Progress(f"soak run {run}/{args.runs} ({args.cycles} cycles)")
         result = run_cell(cell, out / f"run-{run}", progress)
         progress.done()
@@ -146,7 +117,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_rig_check(args: argparse.Namespace) -> int:
     from fastrestart.campaign.rigcheck import rig_check
 
-    cell = _cell_from(args)
+    cell = cell_from_args(args)
     run_dir = Path(args.results or Path("results") / f"rig-{time.strftime('%Y%m%d-%H%M%S')}")
     progress = Progress("rig check")
     report = rig_check(cell, run_dir, progress)
@@ -160,7 +131,7 @@ def cmd_rig_check(args: argparse.Namespace) -> int:
 def cmd_shell(args: argparse.Namespace) -> int:
     from fastrestart.campaign.rigcheck import standing_rig
 
-    cell = _cell_from(args)
+    cell = cell_from_args(args)
     run_dir = Path(args.results or Path("results") / f"shell-{time.strftime('%Y%m%d-%H%M%S')}")
     with standing_rig(cell, run_dir, Progress("shell")) as rig:
         print(f"\nL1 shell (L2 is running; its console: nc 127.0.0.1 {rig.ports['console'][0]}, its QMP: "
@@ -195,23 +166,32 @@ def interact(sock) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    """Warm the cache with everything the cells will boot: kernels, L1's userspace and QEMU, L0's
+    QEMU, L2's initramfs with its workloads and modules (what a matrix's cells ask for, or the
+    command line's cell)."""
     from fastrestart.campaign.pipelines import load_matrix
+    from fastrestart.campaign.runner import rig_config
+    from fastrestart.options import Cell
     from fastrestart.restart import probes
-    from fastrestart.vm.rig import RigConfig, prepare_artifacts
+    from fastrestart.vm.rig import l0_qemu, prepare_artifacts
 
-    specs = [{"kernel": args.kernel, "to_kernel": None, "l1_qemu": args.l1_qemu}]
+    cells = [cell_from_args(args)]
     if args.matrix:
-        specs = load_matrix(Path(args.matrix))
+        cells = [Cell.from_matrix(cell) for cell in load_matrix(Path(args.matrix))]
     seen = set()
-    for spec in specs:
-        key = (spec.get("kernel", "debian:trixie"), spec.get("to_kernel"), spec.get("l1_qemu", "trixie"))
+    for cell in cells:
+        config = rig_config(cell)
+        key = (config.kernel, config.to_kernel, config.l1_qemu, config.l2_kernel, tuple(config.devices),
+               config.edu_irq, config.l2_iommu, config.l0_qemu)
         if key in seen:
             continue
         seen.add(key)
-        print(f"fetching kernel {key[0]}{' -> ' + key[1] if key[1] else ''}, L1 QEMU {key[2]}", file=sys.stderr)
-        config = RigConfig(kernel=key[0], to_kernel=key[1], l1_qemu=key[2])
+        print(f"fetching kernel {config.kernel}{' -> ' + config.to_kernel if config.to_kernel else ''}, "
+              f"L1 QEMU {config.l1_qemu}, L2 kernel {config.l2_kernel}, devices {','.join(config.devices) or 'none'}",
+              file=sys.stderr)
         artifacts = prepare_artifacts(config)
         probes.qemu_caps(artifacts.userspace)
+        l0_qemu(config.l0_qemu)
     print("artifacts cached; runs can now start offline", file=sys.stderr)
     return 0
 
@@ -306,24 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one fast-restart cell and report every phase")
-    _cell_arguments(run)
-    run.add_argument("--mode", default="auto", choices=CHOICES["mode"], help="the restart mode (default auto)")
-    run.add_argument("--cycles", type=at_least_one, default=1, help="restarts in a row on one rig (default 1)")
-    run.add_argument("--inject", choices=CHOICES["inject"],
-                     help="a fault that its check must catch: " + "; ".join(
-                         f"{f.name} ({f.check})" for f in FAULTS.values()))
-    run.add_argument("--no-shared-ram", action="store_true", help="copy RAM into the state file (for comparison)")
-    run.add_argument("--keep-images", action="store_true",
-                     help="keep L1's boot disk (kernels, initrds; about 100 MB) in the result directory")
-    run.add_argument("--mem-check", type=int, help="MiB of L2 RAM the memory check fills (default: most of it)")
+    add_arguments(run, RIG, FLOW, FAULT)
     run.add_argument("--results", help="result directory (default ./results/<timestamp>)")
     run.set_defaults(func=cmd_run)
 
     soak = sub.add_parser("soak", help="clean runs of many cycles; reports false positives (not run in CI)")
-    _cell_arguments(soak)
-    soak.add_argument("--cycles", type=at_least_one, default=20, help="restarts per run (default 20)")
+    add_arguments(soak, RIG, FLOW, defaults={"cycles": 20})
     soak.add_argument("--runs", type=at_least_one, default=1, help="runs, each on a fresh rig (default 1)")
-    soak.add_argument("--results")
+    soak.add_argument("--results", help="result directory (default ./results/soak-<timestamp>)")
     soak.set_defaults(func=cmd_soak)
 
     doctor = sub.add_parser("doctor", help="what this machine has and lacks")
@@ -333,20 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     rig = sub.add_parser("rig", help="the rig alone")
     rig_sub = rig.add_subparsers(dest="rig_command", required=True)
     check = rig_sub.add_parser("check", help="boot L1 and L2 and check every part of the rig")
-    _cell_arguments(check)
-    check.add_argument("--json")
-    check.add_argument("--results")
+    add_arguments(check, RIG)
+    check.add_argument("--json", help="also write the report to this file")
+    check.add_argument("--results", help="result directory (default ./results/rig-<timestamp>)")
     check.set_defaults(func=cmd_rig_check)
 
     shell = sub.add_parser("shell", help="an L1 prompt with L2 running, for debugging")
-    _cell_arguments(shell)
-    shell.add_argument("--results")
+    add_arguments(shell, RIG)
+    shell.add_argument("--results", help="result directory (default ./results/shell-<timestamp>)")
     shell.set_defaults(func=cmd_shell)
 
-    fetch = sub.add_parser("fetch", help="warm the artifact cache (kernels, userspaces)")
-    fetch.add_argument("--kernel", default="debian:trixie")
-    fetch.add_argument("--l1-qemu", default="trixie")
-    fetch.add_argument("--matrix")
+    fetch = sub.add_parser("fetch", help="warm the artifact cache (kernels, userspaces, guest images)")
+    add_arguments(fetch, RIG)
+    fetch.add_argument("--matrix", help="warm what every cell of this matrix needs instead")
     fetch.set_defaults(func=cmd_fetch)
 
     matrix = sub.add_parser("matrix", help="run the cells of a matrix and build the report")
@@ -407,17 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--parallel", type=int, default=1)
     validate.set_defaults(func=cmd_validate)
     return parser
-
-
-def at_least_one(text: str) -> int:
-    """argparse type: a whole number >= 1 (a run without a restart proves nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,29 +20,9 @@ from fastrestart.campaign.runner import Cell, run_cell
 
 
 def cell_from_params(params, name: str) -> Cell:
-    """A Cell from the variant's parameters; absent keys keep `fastrestart run`'s defaults."""
-    devices = params.get("devices", default=["edu", "nvme"])
-    if isinstance(devices, str):
-        devices = [d for d in devices.split(",") if d and d != "none"]
-    return Cell(
-        name=name,
-        kernel=params.get("kernel", default="debian:trixie"),
-        to_kernel=params.get("to_kernel", default=None),
-        l1_qemu=params.get("l1_qemu", default="trixie"),
-        mode=params.get("mode", default="auto"),
-        devices=tuple(devices),
-        l2_mem=params.get("l2_mem", default="256M"),
-        cycles=int(params.get("cycles", default=1)),
-        inject=params.get("inject", default=None),
-        ram_backend=params.get("ram_backend", default="auto"),
-        l2_kernel=params.get("l2_kernel", default="debian:trixie"),
-        l0_qemu=params.get("l0_qemu", default=None),
-        accel=params.get("accel", default=None),
-        shared_ram=bool(params.get("shared_ram", default=True)),
-        l2_iommu=bool(params.get("l2_iommu", default=False)),
-        edu_irq=params.get("edu_irq", default="auto"),
-        mem_check_mib=params.get("mem_check", default=None),
-    )
+    """A Cell from the variant's parameters, keyed as in a matrix; absent keys keep `fastrestart
+    run`'s defaults (the run options are declared once, in fastrestart.options)."""
+    return Cell.from_values(lambda key, default: params.get(key, default=default), name=name)
 
 
 def family(params) -> str:

@@ -25,11 +25,11 @@ from fastrestart.campaign.report import environment
 from fastrestart.campaign.results import CHECKS, parse_expect
 from fastrestart.errors import UsageError
 
-RUN_OPTIONS = ("kernel", "to_kernel", "l1_qemu", "mode", "devices", "l2_mem", "inject", "cycles",
-               "ram_backend", "l2_kernel", "l0_qemu", "accel", "shared_ram", "mem_check", "l2_iommu",
-               "edu_irq")
-"""Cell keys that are `fastrestart run` options (`to_kernel` → `--to-kernel`), in argument order.
-`shared_ram: false` is the flag `--no-shared-ram`; `l2_iommu: true` is `--l2-iommu`."""
+RUN_OPTIONS = tuple(spec.key for spec in options.run_options())
+"""Cell keys that are `fastrestart run` options (`to_kernel` → `--to-kernel`), in argument order:
+the run options declared in fastrestart.options. A switch that is on by default is turned off by
+its `--no-` flag (`shared_ram: false` → `--no-shared-ram`); one that is off is turned on by its
+flag (`l2_iommu: true` → `--l2-iommu`)."""
 META_KEYS = ("name", "expect", "description")
 """Cell keys that describe the cell rather than the run."""
 CELL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -63,13 +63,7 @@ def _check_cell(cell: object, where: str) -> dict:
         if verdict == "FAIL" and check is None and not cell.get("inject"):
             raise UsageError(f"{where}: expect FAIL must name the check that must fail, e.g. FAIL:dma "
                              f"(checks: {', '.join(CHECKS)}); with inject:, the fault's own check is meant")
-    options.validate(cell, where)
-    if cell.get("shared_ram") not in (None, True, False):
-        raise UsageError(f"{where}: shared_ram must be true or false, got {cell['shared_ram']!r}")
-    devices = cell.get("devices")
-    if devices is not None and not (isinstance(devices, str) or (
-            isinstance(devices, list) and all(isinstance(d, str) for d in devices))):
-        raise UsageError(f"{where}: devices must be a list of names or 'a,b', got {devices!r}")
+    options.validate(cell, where)  # types, choices, devices, sizes, counts: as declared for `fastrestart run`
     return cell
 
 
@@ -125,19 +119,16 @@ def cell_args(cell: dict) -> list[str]:
     """
     _check_cell({"name": "cell", **cell}, f"cell {cell.get('name', '?')!r}")
     args = []
-    for key in RUN_OPTIONS:
-        value = cell.get(key)
+    for spec in options.run_options():
+        value = cell.get(spec.key)
         if value is None:
             continue
-        if key == "shared_ram":
-            args += [] if value else ["--no-shared-ram"]
-            continue
-        if key == "l2_iommu":
-            args += ["--l2-iommu"] if value else []
+        if isinstance(spec.default, bool):
+            args += [spec.flag] if value != spec.default else []
             continue
         if isinstance(value, list):
             value = ",".join(value) or "none"
-        args += ["--" + key.replace("_", "-"), str(value)]
+        args += [spec.flag, str(value)]
     return args
 
 

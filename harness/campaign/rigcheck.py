@@ -7,21 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fastrestart.campaign.runner import Cell
+from fastrestart.campaign.runner import Cell, rig_config
 from fastrestart.restart import checks
-from fastrestart.vm.rig import Rig, RigConfig, parse_size_mib
-
-
-def _config(cell: Cell) -> RigConfig:
-    return RigConfig(kernel=cell.kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu, l0_qemu=cell.l0_qemu,
-                     accel=cell.accel, devices=list(cell.devices), l2_mem_mib=parse_size_mib(cell.l2_mem),
-                     ram_backend=cell.ram_backend)
+from fastrestart.vm.rig import Rig
 
 
 @contextlib.contextmanager
 def standing_rig(cell: Cell, run_dir: Path, progress: Callable[[str], None]) -> Iterator[Rig]:
     """L1 booted, PMEM set up, devices on vfio-pci, L2 running; torn down on exit."""
-    with Rig(_config(cell), run_dir) as rig:
+    with Rig(rig_config(cell), run_dir) as rig:
         progress("boot L1")
         rig.boot_l1()
         progress("PMEM and vfio")
@@ -38,7 +32,7 @@ def rig_check(cell: Cell, run_dir: Path, progress: Callable[[str], None]) -> dic
     report: dict = {"ok": False, "results_dir": str(run_dir)}
     started = time.monotonic()
     try:
-        with Rig(_config(cell), run_dir) as rig:
+        with Rig(rig_config(cell), run_dir) as rig:
             report["accel"] = {"name": rig.accel.name, "reason": rig.accel.reason}
             report["l0_qemu"] = rig.l0_version
             progress("boot L1")

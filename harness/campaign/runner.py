@@ -12,60 +12,18 @@ import platform
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from fastrestart import options
 from fastrestart.artifacts import images, kernels
 from fastrestart.campaign import results
 from fastrestart.errors import CheckFailed, FastRestartError, GuestPanic, RigFault, Unsupported, UsageError
+from fastrestart.options import Cell
 from fastrestart.restart import faults, modes, probes
 from fastrestart.restart.checks import CHECKS, not_run, verdict
 from fastrestart.restart.flow import PHASES, Flow, FlowOptions, summarize_phases
 from fastrestart.vm.machine import interruption, signals_deferred
 from fastrestart.vm.rig import Rig, RigConfig, l0_qemu, parse_size_mib
-
-
-@dataclass
-class Cell:
-    """One restart run's parameters (a row of a matrix)."""
-
-    kernel: str = "debian:trixie"
-    to_kernel: str | None = None
-    l1_qemu: str = "trixie"
-    l0_qemu: str | None = None
-    accel: str | None = None
-    mode: str = "auto"
-    devices: tuple[str, ...] = ("edu", "nvme")
-    l2_mem: str = "256M"
-    l2_kernel: str = "debian:trixie"
-    ram_backend: str = "auto"
-    shared_ram: bool = True
-    l2_iommu: bool = False
-    edu_irq: str = "auto"
-    cycles: int = 1
-    inject: str | None = None
-    mem_check_mib: int | None = None
-    keep_images: bool = False
-    name: str | None = None
-
-    def validate(self) -> None:
-        """Refuse, before anything is probed, what no run can be (see options.validate)."""
-        options.validate(asdict(self))
-
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        kernel = self.kernel.split(":")[-1] + (f"-to-{self.to_kernel.split(':')[-1]}" if self.to_kernel else "")
-        parts = [kernel, f"q{self.l1_qemu}", self.mode, "+".join(self.devices) or "nodev", self.l2_mem]
-        if self.l2_iommu:
-            parts.append("l2iommu")
-        if self.edu_irq != "auto":
-            parts.append(self.edu_irq)
-        if self.inject:
-            parts.append(self.inject)
-        return "-".join(parts)
-
 
 UNFINISHED = "the run did not finish"
 
@@ -89,7 +47,7 @@ def _empty_result(cell: Cell, run_dir: Path) -> dict:
     }
 
 
-def probe(cell: Cell, rig_config: RigConfig) -> tuple[probes.QemuCaps, modes.Mode, dict]:
+def probe(cell: Cell, config: RigConfig) -> tuple[probes.QemuCaps, modes.Mode, dict]:
     """Everything that can be known without booting: UNSUPPORTED is raised here, in seconds."""
     cell.validate()
     userspace = images.l1_userspace(cell.l1_qemu)
@@ -128,16 +86,16 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
     stage = "probe"
     try:
         progress("probe")
-        rig_config = _rig_config(cell)
-        caps, mode, facts = probe(cell, rig_config)
+        config = rig_config(cell)
+        caps, mode, facts = probe(cell, config)
         result["mode"] = mode.name
         result["l1"].update(kernel_from=facts["kernel_from"], kernel_to=facts["kernel_to"], qemu=facts["qemu"])
         stage = "rig"
-        rig = Rig(rig_config, run_dir)
+        rig = Rig(config, run_dir)
         result["accel"] = rig.accel.name
         result["accel_reason"] = rig.accel.reason
         result["host"]["l0_qemu"] = rig.l0_version
-        result["l2"]["mem_mib"] = rig_config.l2_mem_mib
+        result["l2"]["mem_mib"] = config.l2_mem_mib
         result["guest_visible"] = mode.guest_visible
         flow = Flow(rig, mode, caps, FlowOptions(cycles=cell.cycles, inject=cell.inject,
                                                  mem_check_mib=cell.mem_check_mib), progress)
@@ -154,7 +112,8 @@ def run_cell(cell: Cell, run_dir: Path, progress=lambda _msg: None) -> dict:
     return result
 
 
-def _rig_config(cell: Cell) -> RigConfig:
+def rig_config(cell: Cell) -> RigConfig:
+    """The rig a cell stands up."""
     return RigConfig(
         kernel=cell.kernel, to_kernel=cell.to_kernel, l2_kernel=cell.l2_kernel, l1_qemu=cell.l1_qemu,
         l0_qemu=cell.l0_qemu, accel=cell.accel, devices=list(cell.devices),
