@@ -56,6 +56,23 @@ def artifact_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write ``path`` whole or not at all: a temporary file beside it, flushed to disk, renamed
+    over it. A reader (or a run killed halfway) never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def socket_dir(prefix: str = "fr") -> Path:
     """A short, unique directory for AF_UNIX sockets (their paths are limited to 108 bytes)."""
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))

@@ -21,6 +21,7 @@ import jinja2
 from fastrestart import PACKAGE
 from fastrestart.campaign import results as res
 from fastrestart.errors import UsageError
+from fastrestart.paths import atomic_write
 from markupsafe import Markup
 
 TEMPLATES = PACKAGE / "templates"
@@ -370,11 +371,6 @@ def portable(result: dict, out_dir: Path) -> dict:
     return copy
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def render_report(results: list[dict], out_dir: Path, title: str = DEFAULT_TITLE) -> dict[str, Path]:
@@ -386,11 +382,11 @@ def render_report(results: list[dict], out_dir: Path, title: str = DEFAULT_TITLE
     env = environment()
     svg = env.get_template("phases.svg.j2").render(**context)
     paths = {
-        "md": _write(out_dir / "report.md", env.get_template("report.md.j2").render(**context)),
-        "html": _write(out_dir / "report.html",
+        "md": atomic_write(out_dir / "report.md", env.get_template("report.md.j2").render(**context)),
+        "html": atomic_write(out_dir / "report.html",
                        env.get_template("report.html.j2").render(**context, svg=Markup(svg))),
-        "svg": _write(out_dir / "phases.svg", svg),
-        "json": _write(out_dir / "results.json", json.dumps(
+        "svg": atomic_write(out_dir / "phases.svg", svg),
+        "json": atomic_write(out_dir / "results.json", json.dumps(
             [portable(r, out_dir) for r in sorted(results, key=lambda r: r["cell"])],
             indent=2, default=str) + "\n"),
     }

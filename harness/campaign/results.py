@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from fastrestart.errors import UsageError
+from fastrestart.paths import atomic_write
 
 SCHEMA = 1
 RESULT_FILE = "result.json"
@@ -103,16 +103,7 @@ def write_result(result: dict, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {key: value for key, value in result.items() if key not in ("run_dir", "attempts", "retried")}
     text = json.dumps(payload, indent=2, default=str) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".result.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, run_dir / RESULT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(run_dir / RESULT_FILE, text)
     validate(result, str(run_dir / RESULT_FILE))
 
 
@@ -379,12 +370,7 @@ def write_junit(results: list[dict], path: Path, suite: str) -> None:
     for result in sorted(results, key=lambda r: r["cell"]):
         testsuite.append(_testcase(result, suite, path.parent))
     ET.indent(root)
-    tree = ET.ElementTree(root)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tree.write(tmp, encoding="utf-8", xml_declaration=True)
-    with tmp.open("a", encoding="utf-8") as handle:
-        handle.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
 
 
 def results_dir_size(run_dir: Path) -> int:
