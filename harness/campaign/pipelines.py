@@ -39,8 +39,15 @@ ENGINES = {
     "gitlab": ("gitlab-ci.yml.j2", ".gitlab-ci.yml", 200),
     "github": ("github-workflow.yml.j2", "fastrestart.yml", 256),
 }
-L0_PACKAGES = ("qemu-system-x86", "qemu-utils", "debian-archive-keyring", "cpio", "zstd", "xz-utils")
-"""Debian/Ubuntu packages a hosted runner (GitHub) installs before running cells."""
+L0_PACKAGES = ("qemu-system-x86", "busybox-static", "cpio", "kmod", "e2fsprogs", "xz-utils", "zstd", "gcc",
+               "libc6-dev", "binutils", "dpkg", "apt", "util-linux", "debian-archive-keyring")
+"""Debian/Ubuntu packages the rig needs on L0 (./setup's, less python and what only the tests use):
+the GitHub jobs that fetch or run cells install them, the GitLab jobs those their runner lacks.
+debian-archive-keyring checks Debian's archive on a runner that is not Debian (Ubuntu ships it too)."""
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+"""The Debian mirrors a pipeline gives the harness's private apt configuration when the runner's
+apt names none (FASTRESTART_DEBIAN_MIRROR, FASTRESTART_DEBIAN_SECURITY_MIRROR): GitHub's Ubuntu runners."""
 
 
 def _check_cell(cell: object, where: str) -> dict:
@@ -164,11 +171,15 @@ def render_pipeline(engine: str, matrix_path: Path, out: Path, *, matrix_ref: st
     context = {
         "matrix": ref,
         "gh": lambda expression: "${{ " + expression + " }}",
-        "cells": [{"name": c["name"], "expect": str(c["expect"]).upper() if c.get("expect") else None,
+        "cells": [{"name": c["name"],
+                   # FAIL:memory, not FAIL:MEMORY: the verdict upper case, the check as matrices name it
+                   "expect": ":".join(filter(None, parse_expect(str(c["expect"])))) if c.get("expect") else None,
                    # shown in a YAML comment, which must stay on one line
                    "command": shlex.join(["fastrestart", "run", *cell_args(c)]).replace("\n", "\\n")}
                   for c in cells],
         "l0_packages": list(L0_PACKAGES),
+        "debian_mirror": DEBIAN_MIRROR,
+        "debian_security_mirror": DEBIAN_SECURITY_MIRROR,
     }
     text = environment().get_template(template).render(**context)
     try:

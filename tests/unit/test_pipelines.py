@@ -3,6 +3,8 @@ Golden files: tests/golden/pipelines/; regenerate with FASTRESTART_UPDATE_GOLDEN
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -141,7 +143,8 @@ def test_gitlab_pipeline_structure(tmp_path: Path) -> None:
     assert warm["cache"]["paths"] == [".cache/"] and warm["cache"]["policy"] == "pull-push"
     assert cells["cache"]["policy"] == "pull"
     assert [entry["CELL"] for entry in cells["parallel"]["matrix"]] == NAMES
-    assert cells["script"] == ['fastrestart matrix "$MATRIX" --only "$CELL" --results "results/$CELL"']
+    assert cells["script"] == ["fastrestart doctor",
+                               'fastrestart matrix "$MATRIX" --only "$CELL" --results "results/$CELL"']
     assert cells["artifacts"]["when"] == "always" and cells["artifacts"]["paths"] == ["results/"]
     assert cells["allow_failure"] == {"exit_codes": [4]}
     assert rep["needs"] == [{"job": "cells", "artifacts": True}] and rep["when"] == "always"
@@ -168,10 +171,139 @@ def test_github_workflow_structure(tmp_path: Path) -> None:
     assert key == "fastrestart-${{ hashFiles('tests/golden/fixtures/matrix.yaml') }}"
 
 
+# what the jobs install, and how they treat `fastrestart matrix`'s exit codes
+
+SETUP = Path(__file__).resolve().parents[2] / "setup"
+RUN_CELL = 'fastrestart matrix "$MATRIX" --only "$CELL" --results "results/$CELL"'
+MATRIX_EXITS = [0, 1, 2, 3, 4, 130, 143]  # met, FAIL, usage, ERROR, unexpected UNSUPPORTED, interrupted
+
+
+def test_l0_packages_cover_what_setup_installs_for_the_rig() -> None:
+    packages = set(re.search(r"^packages=\(([^)]*)\)", SETUP.read_text(), re.M)[1].split())
+    not_the_rig = {"python3", "python3-venv",  # the runner's python and venv
+                   "chromium", "rsync", "ovmf"}  # the tests' (report screenshot, gitlab-ci-local, bench)
+    assert packages - not_the_rig <= set(pipelines.L0_PACKAGES)
+    assert "busybox-static" in pipelines.L0_PACKAGES  # images.py copies /bin/busybox
+    assert "debian-archive-keyring" in pipelines.L0_PACKAGES  # Debian's archive, checked on Ubuntu too
+
+
+def test_github_jobs_install_what_they_run_on_an_ubuntu_runner(tmp_path: Path) -> None:
+    doc = yaml.safe_load(pipelines.render_pipeline("github", MATRIX, tmp_path / "p.yml").read_text())
+    # Ubuntu's apt sources name no /debian mirror: the harness's private apt must be given Debian's.
+    assert doc["env"]["FASTRESTART_DEBIAN_MIRROR"] == "http://deb.debian.org/debian"
+    assert doc["env"]["FASTRESTART_DEBIAN_SECURITY_MIRROR"] == "http://deb.debian.org/debian-security"
+    for job, command in [("warm-cache", "fastrestart fetch"), ("cells", "fastrestart matrix"),
+                         ("report", "fastrestart report")]:
+        runs = [step.get("run", "") for step in doc["jobs"][job]["steps"]]
+        uses = next(i for i, run in enumerate(runs) if command in run)
+        venv = next(i for i, run in enumerate(runs) if "pip install" in run)
+        assert venv < uses and "python -m venv .venv" in runs[venv]
+        assert "pip install --quiet ." in runs[venv] and " -e " not in runs[venv]  # the package ships its data
+        apt = [i for i, run in enumerate(runs) if "apt-get install" in run]
+        if job == "report":
+            assert apt == []  # the report needs python only
+            continue
+        assert len(apt) == 1 and apt[0] < uses
+        assert runs[apt[0]].split("--no-install-recommends ")[1].split() == list(pipelines.L0_PACKAGES)
+        assert any("apparmor_restrict_unprivileged_userns=0" in run for run in runs[:uses])  # unshare
+    cells = doc["jobs"]["cells"]
+    assert cells["runs-on"] == "${{ vars.FASTRESTART_RUNNER || 'ubuntu-latest' }}"
+    runs = [step.get("run", "") for step in cells["steps"]]
+    kvm = next(i for i, run in enumerate(runs) if "/dev/kvm" in run)
+    assert 'MODE="0666"' in runs[kvm] and kvm < next(i for i, run in enumerate(runs) if RUN_CELL in run)
+
+
+def test_gitlab_jobs_install_what_they_run(tmp_path: Path) -> None:
+    doc = yaml.safe_load(pipelines.render_pipeline("gitlab", MATRIX, tmp_path / "p.yml").read_text())
+    before = doc[".fastrestart"]["before_script"]
+    assert "python3 -m venv .venv" in before and ". .venv/bin/activate" in before
+    assert "python -m pip install --quiet ." in before and not any(" -e " in line for line in before)
+    assert doc["variables"]["FASTRESTART_RIG_PACKAGES"] == " ".join(pipelines.L0_PACKAGES)
+    assert doc["report"]["variables"]["FASTRESTART_RIG_PACKAGES"] == ""  # the report needs python only
+    assert all(doc[job]["extends"] == ".fastrestart" for job in ("warm-cache", "cells", "report"))
+    assert "FASTRESTART_DEBIAN_MIRROR=http://deb.debian.org/debian " in before[-1]
+
+
+def _fake_tools(tmp_path: Path, scripts: dict[str, str]) -> dict[str, str]:
+    """An environment whose PATH starts with these stand-in commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(("missing", "can_sudo", "ok", "installed"), [
+    ("", False, True, None),  # everything there: nothing installed, no root needed
+    ("kmod", True, True, "kmod"),  # passwordless sudo: the missing package only
+    ("kmod", False, False, None),  # neither root nor sudo: stop and name it
+])
+def test_gitlab_installs_only_missing_packages(tmp_path: Path, missing: str, can_sudo: bool, ok: bool,
+                                               installed: str | None) -> None:
+    doc = yaml.safe_load(pipelines.render_pipeline("gitlab", MATRIX, tmp_path / "p.yml").read_text())
+    log = tmp_path / "apt.log"
+    env = _fake_tools(tmp_path, {
+        "dpkg-query": f'[ "$3" = "{missing}" ] || printf "install ok installed"',
+        "id": "echo 1000",
+        "sudo": ("[ \"$1\" = -n ] && shift; exec \"$@\"" if can_sudo else "exit 1"),
+        "apt-get": f'echo "$*" >> {log}',
+    })
+    env["FASTRESTART_RIG_PACKAGES"] = doc["variables"]["FASTRESTART_RIG_PACKAGES"]
+    proc = subprocess.run(["bash", "-eo", "pipefail", "-c", doc[".fastrestart"]["before_script"][0]],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode == 0) is ok, proc.stderr
+    if not ok:
+        assert f"lacks Debian packages fastrestart needs: {missing}." in proc.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert calls == ([] if not installed else ["update -qq", f"install -y -qq --no-install-recommends {installed}"])
+
+
+@pytest.mark.parametrize("code", MATRIX_EXITS)
+def test_github_cell_passes_only_when_the_matrix_exits_0_or_4(tmp_path: Path, code: int) -> None:
+    doc = yaml.safe_load(pipelines.render_pipeline("github", MATRIX, tmp_path / "p.yml").read_text())
+    step = next(s for s in doc["jobs"]["cells"]["steps"] if RUN_CELL in s.get("run", ""))
+    env = {**_fake_tools(tmp_path, {"fastrestart": f"exit {code}"}), "MATRIX": "m.yaml", "CELL": "c1"}
+    # GitHub runs a step's script with bash -e.
+    proc = subprocess.run(["bash", "-e", "-c", step["run"]], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (0 if code in (0, 4) else code)
+    assert ("::warning title=c1 is UNSUPPORTED::" in proc.stdout) is (code == 4)
+
+
+@pytest.mark.parametrize("code", MATRIX_EXITS)
+def test_gitlab_cell_passes_only_when_the_matrix_exits_0_or_4(tmp_path: Path, code: int) -> None:
+    doc = yaml.safe_load(pipelines.render_pipeline("gitlab", MATRIX, tmp_path / "p.yml").read_text())
+    cells = doc["cells"]
+    env = {**_fake_tools(tmp_path, {"fastrestart": f'[ "$1" = matrix ] && exit {code}; exit 0'}),
+           "MATRIX": "m.yaml", "CELL": "c1"}
+    # GitLab's runner runs the script lines in one bash with errexit and pipefail.
+    proc = subprocess.run(["bash", "-eo", "pipefail", "-c", "\n".join(cells["script"])], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code  # nothing in the script swallows an exit code
+    warning = proc.returncode in cells["allow_failure"]["exit_codes"]  # failed, allowed: a warning
+    assert (proc.returncode == 0 or warning) is (code in (0, 4)) and warning is (code == 4)
+
+
 def test_pipelines_show_each_cells_run_command(tmp_path: Path) -> None:
     text = pipelines.render_pipeline("gitlab", MATRIX, tmp_path / "p.yml").read_text()
     assert ("# fastrestart run --kernel debian:trixie --l1-qemu trixie --mode auto --l2-mem 256M "
             "--inject mem-flip  (expect FAIL)") in text
+
+
+@pytest.mark.parametrize("engine", ["gitlab", "github"])
+def test_an_expected_check_keeps_its_name(tmp_path: Path, engine: str) -> None:
+    matrix = write_matrix(tmp_path, "cells: [{name: a, inject: mem-flip, expect: 'fail:memory'}]")
+    text = pipelines.render_pipeline(engine, matrix, tmp_path / "p.yml", matrix_ref="m.yaml").read_text()
+    assert "--inject mem-flip  (expect FAIL:memory)" in text
+
+
+@pytest.mark.parametrize(("engine", "committed"), [("gitlab", "ci/nightly.gitlab-ci.yml"),
+                                                  ("github", "ci/nightly.github-workflow.yml")])
+def test_committed_nightly_pipelines_are_current(tmp_path: Path, engine: str, committed: str) -> None:
+    repo = SETUP.parent
+    out = pipelines.render_pipeline(engine, repo / "kernels" / "matrix.yaml", tmp_path / "p.yml")
+    assert out.read_text() == (repo / committed).read_text(), (
+        f"{committed} is stale: fastrestart ci render --engine {engine} --matrix kernels/matrix.yaml -o {committed}")
 
 
 def test_render_into_a_directory_uses_the_default_name(tmp_path: Path) -> None:
