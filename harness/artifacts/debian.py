@@ -8,12 +8,14 @@ system's configuration, or from ``FASTRESTART_DEBIAN_MIRROR``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
+from fastrestart.artifacts import progress
 from fastrestart.errors import UsageError
 from fastrestart.paths import cache_dir
 
@@ -105,9 +107,14 @@ class AptRoot:
         if not force and stamp.exists() and time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE_S:
             return
         try:
-            self._apt("apt-get", "update")
+            # apt re-encodes the lists as they land, so their size is not what it fetched: its own count is.
+            with progress.download(f"the Debian {self.suite} package lists", watch=()) as fetch:
+                out = self._apt("apt-get", "update")
+                said = re.search(r"^Fetched (\S+ \S+) in", out, re.M)
+                fetch.report(progress.parse_bytes(said[1]) if said else None)
         except UsageError:
             if any(self.lists.glob("*Packages*")):
+                progress.note(f"could not update the Debian {self.suite} package lists; using the cached ones")
                 return  # offline, but the old lists still resolve names
             raise
         stamp.touch()
@@ -132,10 +139,31 @@ class AptRoot:
                               capture_output=True, text=True, timeout=120)
         return proc.returncode == 0 and "Package:" in proc.stdout
 
-    def download(self, packages: list[str]) -> list[Path]:
-        """Download exactly these packages (no dependencies)."""
-        self._apt("apt-get", "download", *packages)
+    def download(self, packages: list[str], purpose: str = "") -> list[Path]:
+        """Download exactly these packages (no dependencies); ``purpose`` names them in the progress."""
+        plan = self._plan("download", *packages)
+        with self._fetching(plan, purpose) if plan else contextlib.nullcontext():
+            self._apt("apt-get", "download", *packages)
         return [self._deb_for(p) for p in packages]
+
+    def _plan(self, *args: str) -> list[tuple[str, int]]:
+        """(file name, bytes) of each file this apt-get command would fetch: apt's --print-uris,
+        which lists only what the archive cache lacks. Resolves like the command; fetches nothing."""
+        out = self._apt("apt-get", "--print-uris", *args)
+        return [(name, int(size)) for name, size in re.findall(r"^'[^']+' (\S+) (\d+)", out, re.M)]
+
+    def _fetching(self, plan: list[tuple[str, int]], purpose: str):
+        """The progress of fetching ``plan`` into the archive cache (see progress.download)."""
+        names = [name.split("_")[0] for name, _ in plan]
+        if len(names) == 1:
+            what = names[0]
+        else:
+            what = f"{len(names)} packages ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        if purpose:
+            what = f"{len(names)} package{'s' if len(names) > 1 else ''} for {purpose}"
+        return progress.download(what, total=sum(size for _, size in plan),
+                                 watch=(self.archives, self.archives / "partial"),
+                                 item=(lambda file: file.split("_")[0]) if len(names) > 1 else None)
 
     def closure(self, packages: list[str]) -> list[str]:
         """The .deb file names of these packages and everything they depend on, as for an empty system."""
@@ -143,10 +171,14 @@ class AptRoot:
         return sorted(f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
                       for name, version, arch in re.findall(r"^Inst (\S+) \((\S+) .*?\[(\S+)\]\)", out, re.M))
 
-    def download_closure(self, packages: list[str]) -> list[Path]:
+    def download_closure(self, packages: list[str], purpose: str = "") -> list[Path]:
         """Download these packages and everything they depend on; only those, not the whole cache
-        (which also holds kernels, other closures and superseded versions)."""
-        self._apt("apt-get", "--download-only", "-y", "install", *packages, timeout=1200)
+        (which also holds kernels, other closures and superseded versions). ``purpose`` names them
+        in the progress."""
+        plan = self._plan("-y", "install", *packages)
+        if plan:  # else the cache holds all of it, and apt would fetch nothing
+            with self._fetching(plan, purpose):
+                self._apt("apt-get", "--download-only", "-y", "install", *packages, timeout=1200)
         debs = [self.archives / name for name in self.closure(packages)]
         missing = [deb.name for deb in debs if not deb.exists()]
         if missing or not debs:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fastrestart import DATA
-from fastrestart.artifacts import kernels
+from fastrestart.artifacts import kernels, progress
 from fastrestart.artifacts.debian import AptRoot, extract
 from fastrestart.errors import UsageError
 from fastrestart.paths import artifact_lock, cache_dir, content_key
@@ -69,12 +69,15 @@ def _build_root(release: str) -> Path:
     depends = [dep for dep in apt.depends(package)
                if not dep.startswith(("linux-image-", "linux-base"))]
     try:
-        debs = apt.download([package]) + toolchain.download_closure(depends + BUILD_TOOLS)
+        debs = apt.download([package]) + toolchain.download_closure(
+            depends + BUILD_TOOLS, purpose="the guest module build root")
     except UsageError as error:
         raise Unavailable(f"cannot fetch the headers and compiler of {release}: {error}") from error
     if root.exists():
         shutil.rmtree(root)
-    extract(debs, root)
+    with progress.build(f"the guest module build root of {release} ({len(debs)} packages)", verb="unpacking",
+                        done="unpacked"):
+        extract(debs, root)
     # The links that maintainer scripts (update-alternatives) would have made.
     for link, target in (("usr/bin/awk", "mawk"), ("usr/bin/cc", "gcc")):
         if not (root / link).exists():
@@ -94,14 +97,15 @@ def _make(root: Path, release: str, name: str, out: Path) -> None:
         inside = Path("/") / work.relative_to(root)
         command = [*_enter(root), "make", "-s", "-C", str(headers), f"M={inside}", "modules"]
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LC_ALL": "C"}
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired as error:
-            raise Unavailable(f"building {name}.ko for {release} took over {BUILD_TIMEOUT_S} s") from error
-        built = work / f"{name}.ko"
-        if proc.returncode != 0 or not built.exists():
-            raise Unavailable(f"building {name}.ko for {release} failed (exit {proc.returncode}): "
-                              f"{(proc.stdout + proc.stderr).strip()[-1500:]}")
+        with progress.build(f"{name}.ko for {release}"):
+            try:
+                proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired as error:
+                raise Unavailable(f"building {name}.ko for {release} took over {BUILD_TIMEOUT_S} s") from error
+            built = work / f"{name}.ko"
+            if proc.returncode != 0 or not built.exists():
+                raise Unavailable(f"building {name}.ko for {release} failed (exit {proc.returncode}): "
+                                  f"{(proc.stdout + proc.stderr).strip()[-1500:]}")
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, out.with_suffix(".tmp"))
         out.with_suffix(".tmp").rename(out)

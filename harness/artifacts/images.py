@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastrestart import DATA
+from fastrestart.artifacts import progress
 from fastrestart.artifacts.debian import SUITES, AptRoot, extract
 from fastrestart.artifacts.kernels import Kernel
 from fastrestart.errors import UsageError
@@ -164,7 +165,8 @@ def _initramfs(layer: str, kernel: Kernel, modules: list[str], tools: list[str],
     out = cache_dir() / "initramfs" / f"{layer}-{kernel.release}-{key}.cpio"
     with artifact_lock():
         if not out.exists():
-            _build_initramfs(out, kernel, modules, tools, init, scripts, trees, extra_modules)
+            with progress.build(f"the {layer.upper()} initramfs for {kernel.release}"):
+                _build_initramfs(out, kernel, modules, tools, init, scripts, trees, extra_modules)
     return out
 
 
@@ -218,12 +220,13 @@ def fio_tree() -> Path:
     """
     apt = AptRoot(FIO_SUITE)
     apt.update()
-    debs = apt.download_closure(["fio"])
+    debs = apt.download_closure(["fio"], purpose="fio in L2")
     key = content_key(RECIPE_VERSION, [d.name for d in debs])
     tree = cache_dir() / "fio" / key / "tree"
     with artifact_lock():
         if not tree.exists():
-            _build_fio_tree(debs, tree)
+            with progress.build("fio's tree for L2 (the binary and the libraries it loads)"):
+                _build_fio_tree(debs, tree)
     return tree
 
 
@@ -326,34 +329,35 @@ def l1_userspace(suite: str) -> Userspace:
 def _l1_userspace(suite: str) -> Userspace:
     apt = AptRoot(suite)
     apt.update()
-    debs = apt.download_closure(L1_PACKAGES)
+    debs = apt.download_closure(L1_PACKAGES, purpose=f"the L1 userspace ({suite})")
     key = content_key(RECIPE_VERSION, sorted(d.name for d in debs))
     directory = cache_dir() / "userspace" / f"{suite}-{key}"
     meta_path = directory / "userspace.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return Userspace(suite, directory / "userspace.img", meta["qemu"], directory / "tree")
-    shutil.rmtree(directory, ignore_errors=True)
-    tree = directory / "tree"
-    extract(debs, tree)
-    for junk in ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info"):
-        shutil.rmtree(tree / junk, ignore_errors=True)
-    for mount_point in ("tmp", "run", "dev", "proc", "sys", "boot", "mnt/state", "mnt/ram", "var/tmp"):
-        (tree / mount_point).mkdir(parents=True, exist_ok=True)
-    # QEMU's exec: migration runs /bin/sh; the package closure has no shell of its own.
-    shutil.copyfile(BUSYBOX, tree / "usr" / "bin" / "busybox")
-    (tree / "usr" / "bin" / "busybox").chmod(0o755)
-    for bin_dir in ("usr/bin", "bin"):  # bin is a real directory in trees before merged-usr
-        for applet in ("sh", "cat"):
-            link = tree / bin_dir / applet
-            if (tree / bin_dir).is_dir() and not link.exists() and not link.is_symlink():
-                link.symlink_to("/usr/bin/busybox")
-    size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
-    image = directory / "userspace.img"
-    _mkfs(tree, image, size)
-    qemu = qemu_upstream_version(_deb_version(debs, "qemu-system-x86"))
-    meta_path.write_text(json.dumps({"suite": suite, "qemu": qemu, "debs": [d.name for d in debs]},
-                                    indent=1))
+    with progress.build(f"the L1 userspace image ({suite}, {len(debs)} packages)"):
+        shutil.rmtree(directory, ignore_errors=True)
+        tree = directory / "tree"
+        extract(debs, tree)
+        for junk in ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info"):
+            shutil.rmtree(tree / junk, ignore_errors=True)
+        for mount_point in ("tmp", "run", "dev", "proc", "sys", "boot", "mnt/state", "mnt/ram", "var/tmp"):
+            (tree / mount_point).mkdir(parents=True, exist_ok=True)
+        # QEMU's exec: migration runs /bin/sh; the package closure has no shell of its own.
+        shutil.copyfile(BUSYBOX, tree / "usr" / "bin" / "busybox")
+        (tree / "usr" / "bin" / "busybox").chmod(0o755)
+        for bin_dir in ("usr/bin", "bin"):  # bin is a real directory in trees before merged-usr
+            for applet in ("sh", "cat"):
+                link = tree / bin_dir / applet
+                if (tree / bin_dir).is_dir() and not link.exists() and not link.is_symlink():
+                    link.symlink_to("/usr/bin/busybox")
+        size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
+        image = directory / "userspace.img"
+        _mkfs(tree, image, size)
+        qemu = qemu_upstream_version(_deb_version(debs, "qemu-system-x86"))
+        meta_path.write_text(json.dumps({"suite": suite, "qemu": qemu, "debs": [d.name for d in debs]},
+                                        indent=1))
     return Userspace(suite, image, qemu, tree)
 
 

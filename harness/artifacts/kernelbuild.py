@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrestart.artifacts.debian import AptRoot, extract
+from fastrestart.artifacts.progress import note
 from fastrestart.errors import FastRestartError, UsageError
 from fastrestart.paths import artifact_lock, cache_dir, content_key
 
@@ -473,8 +474,10 @@ class _Builder:
 
 def build_kernel(source_spec: str, *, series: Path | None = None, fragments: list[Path] | tuple[Path, ...] = (),
                  jobs: int | None = None, keep_tree: bool = False,
-                 progress: Progress = lambda message: None) -> BuildResult:
-    """Build (or find cached) the kernel for these inputs; see the module docstring for the steps."""
+                 progress: Progress | None = None) -> BuildResult:
+    """Build (or find cached) the kernel for these inputs; see the module docstring for the steps.
+    ``progress`` is told each step (by default, a line on stderr: see progress.note)."""
+    progress = progress or (lambda message: note(f"kernel build: {message}"))
     source = parse_source(source_spec)
     fragments = [Path(f).resolve() for f in fragments]
     for fragment in fragments:
@@ -503,7 +506,7 @@ def build_kernel(source_spec: str, *, series: Path | None = None, fragments: lis
                 return cached
             builder = _Builder(directory, progress, jobs)
             builder.log.write_text(f"fastrestart kernel build {source} key {key}\n")
-            progress(f"key {key}; log {builder.log}")
+            progress(f"building a kernel from {source}: key {key}; log {builder.log}")
             builder.fetch_and_unpack(source)
             if patches:
                 progress(f"patch: {len(patches)} patch(es) from {series}")

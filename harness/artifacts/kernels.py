@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastrestart.artifacts import progress
 from fastrestart.artifacts.debian import SUITES, AptRoot, extract
 from fastrestart.errors import UsageError
 from fastrestart.paths import artifact_lock, cache_dir
@@ -160,7 +161,8 @@ def _fetch(suite: str | None, package: str | None) -> Path:
     debs = apt.download(parts)
     shutil.rmtree(directory, ignore_errors=True)
     root = directory / "root"
-    extract(debs, root)
+    with progress.build(f"kernel {release}", verb="unpacking", done="unpacked"):
+        extract(debs, root)
     # Older packages use /boot; newer ones keep everything beside the modules.
     images = [root / "boot" / f"vmlinuz-{release}", root / "usr/lib/modules" / release / "vmlinuz"]
     image = next((p for p in images if p.is_file()), None)

@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path
 
 from fastrestart import DATA
+from fastrestart.artifacts import progress
 from fastrestart.errors import StepError, UsageError
 
 SOURCE_DIR = DATA / "guests" / "workloads"
@@ -105,16 +106,17 @@ def build(name: str, out_dir: Path, *, cc: str = "gcc") -> Path:
     # nice: compiles share two cores with TCG guests that must keep their timing.
     nice = ["nice", "-n", "10"] if shutil.which("nice") else []
     cmd = [*nice, compiler, *CFLAGS, "-o", str(tmp), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        err = proc.stderr
-        if "cannot find -lc" in err or "cannot find -lgcc_eh" in err or "libc.a" in err:
-            raise UsageError(f"'{cc}' cannot link {name} statically: the static C library (libc.a) is "
-                             "missing. Install it with `apt-get install libc6-dev` (Debian) or "
-                             "glibc-static (Fedora).")
-        raise StepError("build-workload", f"{cc} failed to compile {src.name}",
-                        {"command": " ".join(cmd), "exit code": proc.returncode, "stderr": err[-4000:]})
+    with progress.build(f"the guest workload {name} ({src.name}, static)"):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            err = proc.stderr
+            if "cannot find -lc" in err or "cannot find -lgcc_eh" in err or "libc.a" in err:
+                raise UsageError(f"'{cc}' cannot link {name} statically: the static C library (libc.a) is "
+                                 "missing. Install it with `apt-get install libc6-dev` (Debian) or "
+                                 "glibc-static (Fedora).")
+            raise StepError("build-workload", f"{cc} failed to compile {src.name}",
+                            {"command": " ".join(cmd), "exit code": proc.returncode, "stderr": err[-4000:]})
     tmp.chmod(0o755)
     tmp.replace(out)
     return out
