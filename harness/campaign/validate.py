@@ -1,7 +1,7 @@
 """`fastrestart validate`: the same cells on a base and a patched kernel, and the verdict diff (docs/design.md §8.5).
 
 Each side is an ordinary `fastrestart matrix` run (`fastrestart.campaign.matrix.run_matrix`: isolated cell
-processes, one retry after an ERROR, a conformance report per side) of the matrix with every
+processes, one retry after a rig ERROR, a conformance report per side) of the matrix with every
 cell's `kernel` replaced by the side's kernel. The diff is then made from the two results trees:
 
     <results>/base/...        the base kernel's cells and report
