@@ -23,7 +23,7 @@ from fastrestart.restart import faults, modes, probes
 from fastrestart.restart.checks import CHECKS, not_run, verdict
 from fastrestart.restart.flow import PHASES, Flow, FlowOptions, summarize_phases
 from fastrestart.vm.machine import interruption, signals_deferred
-from fastrestart.vm.rig import Rig, RigConfig, l0_qemu, parse_size_mib
+from fastrestart.vm.rig import L0_AUTO_MIN, Rig, RigConfig, l0_qemu, parse_size_mib
 
 UNFINISHED = "the run did not finish"
 
@@ -286,10 +286,17 @@ def doctor_facts() -> dict:
 
     facts: dict = {"accel": asdict(accel_mod.detect())}
     try:
-        facts["l0_qemu"] = l0_qemu("system")[1]
+        system = l0_qemu("system")[1]
     except UsageError as exc:
-        facts["l0_qemu"] = None
+        system = None
         facts.setdefault("missing", []).append(str(exc))
+    facts["l0_qemu_system"] = system
+    # What a run will use (--l0-qemu auto), said without fetching anything.
+    if system and tuple(int(x) for x in system.split(".")[:2]) >= L0_AUTO_MIN:
+        facts["l0_qemu"] = f"{system} (the system's)"
+    else:
+        why = f"{system} is older than {'.'.join(map(str, L0_AUTO_MIN))}" if system else "is missing"
+        facts["l0_qemu"] = f"Debian trixie's 10.0, from the cache (the system's {why})"
     base = cache_dir()
     facts["cache"] = str(base)
     facts["kernels"] = sorted(p.name for p in (base / "kernels").glob("*") if (p / "kernel.json").exists())
@@ -297,7 +304,8 @@ def doctor_facts() -> dict:
     import shutil
 
     for tool, package in [("busybox", "busybox-static"), ("cpio", "cpio"), ("mkfs.ext4", "e2fsprogs"),
-                          ("depmod", "kmod"), ("gcc", "gcc"), ("apt-get", "apt"), ("dpkg-deb", "dpkg")]:
+                          ("depmod", "kmod"), ("gcc", "gcc"), ("apt-get", "apt"), ("dpkg-deb", "dpkg"),
+                          ("unshare", "util-linux"), ("zstd", "zstd"), ("readelf", "binutils"), ("xz", "xz-utils")]:
         if not shutil.which(tool):
             facts.setdefault("missing", []).append(f"{tool}: apt-get install {package}")
     return facts
