@@ -103,14 +103,16 @@ EDU_CASES = [
                          [case[1:] for case in EDU_CASES], ids=[case[0] for case in EDU_CASES])
 def test_edutest_results(changes, rc, dma, dma_reason, irq, irq_reason):
     edu = edu_result(rc, **changes)
-    dma_result = checks.dma_verdict(edu, None)
-    irq_result = checks.interrupts_verdict(edu, None, [], {})
-    assert dma_result["verdict"] == dma, dma_result
-    assert irq_result["verdict"] == irq, irq_result
-    if dma_reason:
-        assert dma_reason in dma_result["reason"]
-    if irq_reason:
-        assert irq_reason in irq_result["reason"]
+    judge(edu, None, (dma, dma_reason), (irq, irq_reason))
+
+
+def judge(edu: dict | None, blk: dict | None, dma: tuple, irq: tuple) -> tuple[dict, dict]:
+    """The DMA and interrupts verdicts on these results, each checked against (verdict, reason part)."""
+    results = checks.dma_verdict(edu, blk), checks.interrupts_verdict(edu, blk, [], {})
+    for result, (verdict, reason) in zip(results, (dma, irq), strict=True):
+        assert result["verdict"] == verdict, result
+        assert reason is None or reason in result["reason"], result
+    return results
 
 
 def test_edutest_evidence_carries_what_it_detected():
@@ -165,14 +167,7 @@ BLK_CASES = [
                          [case[1:] for case in BLK_CASES], ids=[case[0] for case in BLK_CASES])
 def test_blkcheck_results(changes, rc, dma, dma_reason, irq, irq_reason):
     blk = blk_result(rc, **changes)
-    dma_result = checks.dma_verdict(None, blk)
-    irq_result = checks.interrupts_verdict(None, blk, [], {})
-    assert dma_result["verdict"] == dma, dma_result
-    assert irq_result["verdict"] == irq, irq_result
-    if dma_reason:
-        assert dma_reason in dma_result["reason"]
-    if irq_reason:
-        assert irq_reason in irq_result["reason"]
+    dma_result, irq_result = judge(None, blk, (dma, dma_reason), (irq, irq_reason))
     assert dma_result["evidence"]["nvme"]["exit_status"] == rc
     assert {k: irq_result["evidence"]["nvme"][k] for k in ("ios_submitted", "ios_completed", "io_errors")} == {
         k: blk[k] for k in ("ios_submitted", "ios_completed", "io_errors")}
