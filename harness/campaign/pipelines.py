@@ -14,7 +14,6 @@ FAIL names the check that must fail, e.g. FAIL:memory, and no other check may fa
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastrestart import REPO, options
 from fastrestart.campaign.report import environment
 from fastrestart.campaign.results import CHECKS, parse_expect
 from fastrestart.errors import UsageError
+from fastrestart.paths import atomic_write
 
 RUN_OPTIONS = tuple(spec.key for spec in options.run_options())
 """Cell keys that are `fastrestart run` options (`to_kernel` → `--to-kernel`), in argument order:
@@ -192,7 +192,5 @@ def render_pipeline(engine: str, matrix_path: Path, out: Path, *, matrix_ref: st
     if out.is_dir():
         out = out / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, text)
     return out
