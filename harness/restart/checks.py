@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fastrestart.artifacts import workloads
 from fastrestart.errors import RigFault, StepError
+from fastrestart.waits import wait_until
 
 if TYPE_CHECKING:
     from fastrestart.vm.guest import L2
@@ -247,17 +248,17 @@ class Workloads:
 
     def restart_devices(self, l2: L2, step: str, timeout: float = 120) -> None:
         """After a hot-plug: wait until L2 sees its devices again, then start fresh workloads."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def attempt() -> dict | None:
             try:
-                self.devices = self.discover(l2)
-                if "nvme" not in self.devices or l2.console.run("ls /dev/nvme*n1", step=step)[0] == 0:
-                    break
+                found = self.discover(l2)
             except StepError:
-                pass
-            if time.monotonic() > deadline:
-                raise StepError(step, "L2 did not see its devices again after the hot-plug")
-            time.sleep(1)
+                return None
+            if "nvme" in found and l2.console.run("ls /dev/nvme*n1", step=step)[0] != 0:
+                return None
+            return found
+
+        self.devices = wait_until(attempt, timeout=timeout, every=1, failure=lambda: StepError(
+            step, "L2 did not see its devices again after the hot-plug"))
         self.start_devices(l2, step)
 
     def _verify_devices(self, l2: L2, step: str) -> tuple[dict | None, dict | None]:

@@ -19,6 +19,7 @@ from typing import IO
 import pexpect
 import pexpect.fdpexpect
 from fastrestart.errors import ConsoleTimeout, GuestPanic, StepError
+from fastrestart.waits import wait_until
 
 WATCHDOG_S = 10
 PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*|Attempted to kill init[^\r\n]*")
@@ -135,17 +136,20 @@ class _TextTee:
 
 def connect_unix(path: Path, timeout: float) -> socket.socket:
     """Connect to a UNIX socket that is about to appear."""
-    deadline = time.monotonic() + timeout
-    while True:
+    last: list[OSError] = []
+
+    def attempt() -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(path))
             return sock
-        except OSError:
+        except OSError as exc:
             sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            last[:] = [exc]
+            return None
+
+    return wait_until(attempt, timeout=timeout, every=0.05,
+                      failure=lambda: last[0] if last else TimeoutError(f"{path} never appeared"))
 
 
 def connect_tcp(port: int, timeout: float, settle: float = 0.3) -> socket.socket:
@@ -154,8 +158,7 @@ def connect_tcp(port: int, timeout: float, settle: float = 0.3) -> socket.socket
     The forwarder accepts at once even when nothing listens in the guest, then closes; so a
     connection counts only once it has stayed open for ``settle`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    def attempt() -> socket.socket | None:
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.settimeout(settle)
         try:
@@ -169,6 +172,7 @@ def connect_tcp(port: int, timeout: float, settle: float = 0.3) -> socket.socket
         except OSError:
             pass
         sock.close()
-        if time.monotonic() > deadline:
-            raise ConsoleTimeout(f"nothing answered on forwarded port {port} within {timeout:.0f} s")
-        time.sleep(0.2)
+        return None
+
+    return wait_until(attempt, timeout=timeout, every=0.2, failure=lambda: ConsoleTimeout(
+        f"nothing answered on forwarded port {port} within {timeout:.0f} s"))

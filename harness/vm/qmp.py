@@ -6,6 +6,7 @@ them, so downtime can be computed across a kexec that resets L1's clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastrestart.errors import StepError
+from fastrestart.waits import wait_until
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 GIVE_UP_POLL_S = 5
@@ -58,30 +60,30 @@ class Qmp:
         ``give_up`` is asked every few seconds why waiting is pointless (e.g. QEMU died); a
         non-empty answer ends the wait at once.
         """
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        next_ask = time.monotonic() + GIVE_UP_POLL_S
-        while time.monotonic() < deadline:
-            if give_up is not None and time.monotonic() >= next_ask:
-                next_ask = time.monotonic() + GIVE_UP_POLL_S
+        last: list[Exception] = []
+        next_ask = [time.monotonic() + GIVE_UP_POLL_S]
+
+        def attempt() -> _Monitor | None:
+            if give_up is not None and time.monotonic() >= next_ask[0]:
+                next_ask[0] = time.monotonic() + GIVE_UP_POLL_S
                 why = give_up()
                 if why:
-                    raise StepError("qmp", f"{self.name}: gave up connecting: {why}", {"last error": repr(last)})
+                    raise StepError("qmp", f"{self.name}: gave up connecting: {why}",
+                                    {"last error": repr(last[0] if last else None)})
             qmp = _Monitor(self.address)
             try:
                 qmp.connect(negotiate=True)
-                self._qmp = qmp
-                self._log("open", str(self.address))
-                return
+                return qmp
             except Exception as exc:
-                last = exc
-                try:
+                last[:] = [exc]
+                with contextlib.suppress(Exception):
                     qmp.close()
-                except Exception:
-                    pass
-                time.sleep(0.2)
-        raise StepError("qmp", f"{self.name}: could not connect to {self.address} within {timeout:.0f} s",
-                        {"last error": repr(last)})
+                return None
+
+        self._qmp = wait_until(attempt, timeout=timeout, every=0.2, failure=lambda: StepError(
+            "qmp", f"{self.name}: could not connect to {self.address} within {timeout:.0f} s",
+            {"last error": repr(last[0] if last else None)}))
+        self._log("open", str(self.address))
 
     def cmd(self, name: str, step: str = "qmp", timeout: float = 180, **args: Any) -> Any:
         """Execute a command; an error reply is a StepError naming the step."""
@@ -143,16 +145,15 @@ class Qmp:
 
     def wait_migration(self, timeout: float, step: str) -> dict:
         """Poll query-migrate until it completes or fails."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def attempt() -> dict | None:
             info = self.cmd("query-migrate", step=step)
-            status = info.get("status")
-            if status == "completed":
-                return info
-            if status in ("failed", "cancelled"):
-                raise StepError(step, f"migration {status}: {info.get('error-desc', '')}", {"query-migrate": info})
-            time.sleep(0.02)
-        raise StepError(step, f"migration did not complete within {timeout:.0f} s")
+            if info.get("status") in ("failed", "cancelled"):
+                raise StepError(step, f"migration {info['status']}: {info.get('error-desc', '')}",
+                                {"query-migrate": info})
+            return info if info.get("status") == "completed" else None
+
+        return wait_until(attempt, timeout=timeout, every=0.02, failure=lambda: StepError(
+            step, f"migration did not complete within {timeout:.0f} s"))
 
     def close(self) -> None:
         if self._qmp is not None:
