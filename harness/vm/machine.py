@@ -131,7 +131,10 @@ class Machine:
         return [*self.qemu, *self.args,
                 "-chardev", f"socket,id=console0,path={self._sockets / 'console'},server=on,wait=on",
                 "-serial", "chardev:console0",
-                "-qmp", f"unix:{self._sockets / 'qmp'},server=on,wait=off"]
+                "-qmp", f"unix:{self._sockets / 'qmp'},server=on,wait=off",
+                # The PID beside the logs: it also puts the run directory on QEMU's command line,
+                # which is how a leaked QEMU is traced back to its run.
+                "-pidfile", str(self.log_dir / f"{self.name}-qemu.pid")]
 
     def launch(self, timeout: float = 30) -> Machine:
         self.log_dir.mkdir(parents=True, exist_ok=True)
