@@ -249,7 +249,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  target {target['state']}: {target['name']} ({target['detail']})")
     for name, path in written.items():
         print(f"{name}: {path}")
-    return 0 if all(c["verdict"] in ("PASS", "UNSUPPORTED") for c in bench["cycles"]) else 1
+    # Every cycle, and every rig's own end-of-run checks, must hold: a broken rig or a FAIL of its
+    # checks makes the figures untrustworthy, whatever the cycles said.
+    rigs_ok = all(not r.get("error") and all(c["verdict"] in ("PASS", "UNSUPPORTED")
+                                             for c in (r.get("checks") or {}).values()) for r in bench["rigs"])
+    return 0 if rigs_ok and all(c["verdict"] in ("PASS", "UNSUPPORTED") for c in bench["cycles"]) else 1
 
 
 def cmd_ci_render(args: argparse.Namespace) -> int:
