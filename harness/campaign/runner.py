@@ -275,8 +275,8 @@ def decide(result: dict) -> None:
         result["reason"] = "no verdict: " + "; ".join(missing)
         return
     result["verdict"] = "PASS"
-    result["reason"] = "; ".join(f"{n}: {c.get('reason')}" for n, c in checks.items()
-                                 if c["verdict"] != "PASS" and c.get("reason"))
+    # What a PASS did not cover, or covered otherwise (UNSUPPORTED checks, an INTx fallback), is said.
+    result["reason"] = "; ".join(f"{n}: {c['reason']}" for n, c in checks.items() if c.get("reason"))
 
 
 def doctor_facts() -> dict:

@@ -449,4 +449,8 @@ def interrupts_verdict(edu: dict | None, blk: dict | None, l2_problems: list[str
         problems.append(f"L2 kernel log: {l2_problems[0]}")
     if l1_findings:
         problems.append("DMAR faults in L1")
-    return verdict("FAIL", evidence, "; ".join(problems)) if problems else verdict("PASS", evidence)
+    if problems:
+        return verdict("FAIL", evidence, "; ".join(problems))
+    # A PASS that counted INTx where MSI was asked for (auto fell back) says so in its reason.
+    fallback = (edu or {}).get("msi_unavailable")
+    return verdict("PASS", evidence, f"edu counted on INTx, not MSI: {fallback}" if fallback else "")

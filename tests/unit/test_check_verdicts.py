@@ -293,3 +293,9 @@ def test_a_broken_result_after_the_restart_is_a_step_error_of_verify(which, repl
         verify(**{which: reply})
     assert info.value.step == "verify"
     assert info.value.evidence["exit status"] == reply[0]
+
+
+def test_a_pass_on_intx_after_an_msi_fallback_says_so():
+    edu = edu_result(0, irq="intx", msi_unavailable="no headers for 6.99 in the suite")
+    result = checks.interrupts_verdict(edu, None, [], {})
+    assert result["verdict"] == "PASS" and "INTx, not MSI: no headers" in result["reason"]
