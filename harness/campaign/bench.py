@@ -176,12 +176,12 @@ class BenchFlow(Flow):
     def shut_down(self) -> dict:
         self.readings["before"] = checks.liveness_reading(self.l2, self.rig)
         stopped_at = time.time()
-        self.quit_l2(self.l2, step="save")
+        self.l2.quit(step="save")
         return {"stopped_at": stopped_at, "shut_down": "quit: L2 and its state are gone"}
 
     @step("restore")
     def boot_new_l2(self) -> dict:
-        self.start_l2()
+        self.use_l2(self.l2_machine().launch())
         return {"ready_at": time.time(), "boot": "a new L2 booted to its init"}
 
     @step("resume")

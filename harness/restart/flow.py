@@ -22,9 +22,10 @@ from pathlib import Path
 
 from fastrestart.errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, RigFault, StepError
 from fastrestart.restart import checks, faults
-from fastrestart.restart.modes import Mode
+from fastrestart.restart.modes import Mode, Outcome, RestartContext
 from fastrestart.restart.probes import QemuCaps
-from fastrestart.vm.guest import DEAD_RUNSTATES, L2
+from fastrestart.vm.guest import DEAD_RUNSTATES, L2Machine, L2Spec
+from fastrestart.vm.qmp import Qmp
 from fastrestart.vm.rig import BOOT_DEADLINE_S, READY_L1, Rig
 
 PCI_COMMAND_BITS = {"I/O Space": 0x1, "Memory Space": 0x2, "Bus Master": 0x4}
@@ -88,8 +89,9 @@ class Flow:
         self.caps = caps
         self.options = options
         self.report_progress = progress
-        self.l2: L2 | None = None
-        self.ram_path = ""
+        self.l2: L2Machine | None = None  # the generation that runs the guest now (also rig.l2)
+        self.l2_spec: L2Spec | None = None  # the arguments of the latest generation
+        self.ram_path = ""  # where L2's RAM lives now (a mode may move it: luo)
         self.cycle = 0
         self.cycles: list[dict] = []
         self.prepare_record: dict = {"cycle": 0}
@@ -101,7 +103,10 @@ class Flow:
         self.readings: dict = {}
         self.findings: dict[str, dict] = {}
         self.pci_commands_before: dict[str, int] = {}
-        self.mode_state: dict = {}  # what the mode keeps between its steps (luo: the helper's fds)
+        self.stop_qmp: Qmp | None = None  # the QMP link that sees the save's STOP or SUSPEND
+        self.stop_marker = 0  # how many events that link had before the save
+        self.kexec_started: float | None = None  # monotonic time of `kexec -e` (or the firmware reboot)
+        self.restore_observed_at: float | None = None  # wall time the restore step saw the new QEMU
         self.fault = faults.fault(options.inject)
         self.current_step = "prepare"
         self.restart_begun = False  # set when `save` starts: from then on a failure is the restart's
@@ -123,47 +128,33 @@ class Flow:
         self.log(f"step {name} starts")
         self.report_progress(f"cycle {self.cycle}: {name}" if self.cycle else name)
 
-    def start_l2(self, incoming: list[str] | None = None, plug_vfio: bool = True, connect: bool = True) -> L2:
-        """Start an L2 generation; with ``connect`` it becomes the current L2."""
-        spec = self.rig.l2_spec(self.ram_path, **{**self.mode.l2_options(self.rig.config.devices),
-                                                  **self.l2_overrides})
-        self.l2_spec = spec
-        l2 = self.rig.start_l2(spec, incoming=incoming, plug_vfio=plug_vfio, wait_ready=incoming is None,
-                               connect=connect)
-        if connect:
-            self.l2 = l2
-            self.rig.l2 = l2
-        return l2
+    def l2_machine(self, incoming: list[str] | None = None, plug_vfio: bool = True,
+                   connect: bool = True) -> L2Machine:
+        """The next L2 generation with this run's arguments (the same for every generation), not
+        launched. A first boot waits for READY; an incoming QEMU does not."""
+        self.l2_spec = self.rig.l2_spec(self.ram_path, **{**self.mode.l2_options(self.rig.config.devices),
+                                                          **self.l2_overrides})
+        return self.rig.l2_machine(self.l2_spec, incoming=incoming, plug_vfio=plug_vfio, connect=connect)
 
-    def quit_l2(self, l2: L2, step: str) -> None:
-        """Ask L2's QEMU to quit and make sure its process is gone in L1."""
-        try:
-            l2.qmp.cmd("quit", step=step, timeout=10)
-        except StepError:
-            pass  # the link may drop before the reply
-        deadline = time.monotonic() + 30
-        while self.rig.l2_qemu_alive(l2.pid):
-            if time.monotonic() > deadline:
-                self.rig.sh.run(f"kill -9 {l2.pid}")
-                raise StepError(step, f"L2 QEMU (pid {l2.pid}) did not quit")
-            time.sleep(0.05)
-        l2.close()
+    def use_l2(self, l2: L2Machine) -> None:
+        """From now on ``l2`` runs the guest."""
+        self.l2 = l2
+        self.rig.l2 = l2
 
-    def retire_l2(self, old: L2, new: L2) -> None:
-        """cpr-transfer: the new QEMU has taken over; the old one quits."""
-        self.quit_l2(old, step="save")
-        self.l2 = new
-        self.rig.l2 = new
-        self.stop_qmp = old.qmp
+    def context(self) -> RestartContext:
+        """What the mode may see of this run, as it is now."""
+        return RestartContext(rig=self.rig, caps=self.caps, l2=self.l2, ram_path=self.ram_path,
+                              ignore_shared=self.ignore_shared, workloads=self.workloads,
+                              new_l2=self.l2_machine, log=self.log)
 
-    def suspend_l2(self) -> dict:
-        """The guest suspends itself to RAM (cpr-reboot with devices attached needs it)."""
-        since = len(self.l2.qmp.events)
-        in_flight = self.workloads.before_suspend() if self.workloads else ""
-        # fr-suspend (guests/l2) prints FR-WOKE once the guest runs again.
-        self.l2.console.send(f"fr-suspend {in_flight}".strip())
-        event = self.l2.qmp.wait_event("SUSPEND", timeout=BOOT_DEADLINE_S, step="save", since=since)
-        return {"suspended_at": event.received}
+    def adopt(self, outcome: Outcome) -> dict:
+        """Take what a mode made (a new L2 generation, a new home for L2's RAM); its facts are the
+        step's evidence."""
+        if outcome.l2 is not None:
+            self.use_l2(outcome.l2)
+        if outcome.ram_path is not None:
+            self.ram_path = outcome.ram_path
+        return outcome.facts
 
     def judge_l2_silence(self, exc: Exception) -> None:
         """L2 stopped answering after the restart. That is the restart's FAIL (liveness), named by
@@ -178,7 +169,7 @@ class Flow:
             status = self.l2.qmp.cmd("query-status", step="liveness", timeout=10)["status"]
         except StepError:
             status = "unknown (QMP gone)"
-        alive = self.rig.l2_qemu_alive(self.l2.pid)
+        alive = self.l2.is_running()
         # The lines that say what happened, not the register dump QEMU prints after them.
         _, qemu_log = self.rig.sh.run(f"grep -iE 'error|fail|warning' {self.l2.log_path} | tail -5 | cut -c1-300")
         # What L1 saw happen to the devices meanwhile is often the cause: say it here, since the
@@ -207,26 +198,11 @@ class Flow:
         except (StepError, ConsoleTimeout, GuestPanic):
             pass
         try:
-            self.l2.reconnect_console(self.rig.ports["console"][self.l2.ports])
-            self.l2.console_reconnects += 1
+            self.l2.reconnect_console()
             self.l2.console.sync(timeout=30)
         except (StepError, ConsoleTimeout, GuestPanic, OSError):
             return False
         return True
-
-    def unplug_vfio(self) -> list[str]:
-        names = []
-        for device in self.l2_spec.vfio:
-            since = len(self.l2.qmp.events)
-            self.l2.qmp.cmd("device_del", step="save", id=device.name)
-            self.l2.qmp.wait_event("DEVICE_DELETED", timeout=60, step="save", since=since)
-            names.append(device.name)
-        return names
-
-    def replug_vfio(self) -> list[str]:
-        for device in self.l2_spec.vfio:
-            self.l2.qmp.cmd("device_add", step="resume", **device.device_add_args())
-        return [d.name for d in self.l2_spec.vfio]
 
     # -- the flow ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -277,11 +253,11 @@ class Flow:
 
         pmem = self.rig.setup_pmem(fresh=True)
         self.ram_path = pmem["ram_path"]
-        pmem.update(self.mode.prepare_ram(self))
+        pmem.update(self.adopt(self.mode.prepare_ram(self.context())))
         mark("pmem")
         drivers = self.rig.bind_vfio()
         mark("vfio")
-        self.start_l2()
+        self.use_l2(self.l2_machine().launch())
         mark("l2_boot")
         self.readings["last"] = checks.liveness_reading(self.l2, self.rig)
         self.workloads = checks.Workloads(self.rig, self.options.mem_check_mib)
@@ -302,14 +278,14 @@ class Flow:
             self.pci_commands_before = self.rig.pci_commands()
         self.stop_marker = len(self.l2.qmp.events)
         self.stop_qmp = self.l2.qmp
-        facts = self.mode.save(self)
+        facts = self.adopt(self.mode.save(self.context()))
         facts["stopped_at"] = checks.first_event_time(self.stop_qmp, self.stop_marker, ["SUSPEND", "STOP"])
         return facts
 
     @step("record")
     def record(self) -> dict:
         record = {"devices": [d.l1_bdf for d in self.rig.devices], "memmap": self.rig.layout.memmap(),
-                  "cmdline": self.rig.l1_cmdline(), "state_file": self.mode.state_path(self),
+                  "cmdline": self.rig.l1_cmdline(), "state_file": self.mode.state_path(),
                   "ram_path": self.ram_path, "l2_args": self.l2_spec.args()}
         self.rig.sh.check(f"echo '{json.dumps(record)}' > /mnt/state/record.json", step="record")
         facts = {"record": record}
@@ -378,8 +354,8 @@ class Flow:
         except ReservationMissing as exc:  # the evidence decides, whatever was injected
             raise CheckFailed("memory", "L2 RAM is gone: the new kernel has no PMEM region where it was",
                               {"reason": exc.message, **exc.evidence}) from exc
-        facts = {"pmem": pmem, **self.mode.reserve(self)}
-        state = self.rig.sh.run(f"stat -L -c %s {self.mode.state_path(self)}")
+        facts = {"pmem": pmem, **self.adopt(self.mode.reserve(self.context()))}
+        state = self.rig.sh.run(f"stat -L -c %s {self.mode.state_path()}")
         facts["state_file_bytes"] = state[1].strip() if state[0] == 0 else "missing"
         before = self.cycle_record.get("evidence", {}).get("record", {}).get("ram_digest_before")
         if before:
@@ -410,7 +386,7 @@ class Flow:
     @step("restore")
     def restore(self) -> dict:
         injected = faults.inject(self, "restore")
-        facts = self.mode.restore(self)
+        facts = self.adopt(self.mode.restore(self.context()))
         facts.update(injected)
         if self.devices_stay_attached:
             facts["pci_command"] = self.watch_pci_commands()
@@ -442,7 +418,7 @@ class Flow:
     def resume(self) -> dict:
         since = 0 if not self.mode.restarts_host else len(self.l2.qmp.events)
         try:
-            facts = self.mode.resume(self)
+            facts = self.adopt(self.mode.resume(self.context()))
         except StepError as exc:  # e.g. `cont` refused: "Resetting the Virtual Machine is required"
             self.judge_l2_silence(exc)
             raise

@@ -1,7 +1,7 @@
 """The rig: L1 on L0 with a vIOMMU and assigned devices, L2 inside L1 on PMEM-backed RAM.
 
 ``Rig`` owns every process and log of one run. Its methods are the building blocks the flow
-uses (boot L1, set up PMEM, bind vfio, start L2); the flow decides their order.
+uses (boot L1, set up PMEM, bind vfio, make L2 machines); the flow decides their order.
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrestart.artifacts import guestmodules, images, kernels
-from fastrestart.errors import CheckFailed, ConsoleTimeout, GuestPanic, ReservationMissing, StepError, UsageError
+from fastrestart.errors import ConsoleTimeout, GuestPanic, ReservationMissing, StepError, UsageError
 from fastrestart.paths import cache_dir
 from fastrestart.vm import accel as accel_mod
-from fastrestart.vm import guest
 from fastrestart.vm.devices import DEVICE_CLASSES, IntelIommu, PassthroughDevice, UserNet, VirtioDisk
 from fastrestart.vm.guest import (
+    CONSOLE_STALL_S,
     L1_CONSOLE_PORTS,
     L1_QMP_PORTS,
-    L2,
+    READY_L2,
     STATE_DIR,
+    L2Machine,
     L2Spec,
     RamBackend,
     VfioPci,
-    parse_pid,
-    start_command,
 )
 from fastrestart.vm.machine import Machine
 
@@ -44,13 +43,10 @@ EDU_IRQ_MODES = ("auto", "msi", "intx")
 L1_OWN_MIB = 1024
 LOWMEM_LIMIT_MIB = 2816  # q35 splits RAM at 2 GiB once it reaches 2.75 GiB
 READY_L1 = r"FASTRESTART-L1-READY uptime=([\d.]+)"
-READY_L2 = r"FASTRESTART-L2-READY boot_id=(\S+) uptime=([\d.]+)"
 # Deadlines, not expectations: under TCG on 2 shared cores a boot can take several times longer.
 BOOT_DEADLINE_S = 300
 L1_FIRST_BOOT_ATTEMPTS = 2
 NO_USERSPACE = r"fastrestart-l1: no userspace disk"
-L2_QEMU_FATAL = r"kvm run failed|Aborted|core dumped|Assertion|Segmentation fault"
-CONSOLE_STALL_S = 120  # no READY by then while QEMU runs: the console stream may have stalled
 
 
 @dataclass(frozen=True)
@@ -252,9 +248,9 @@ class Rig:
         self.l0_prefix, self.l0_version = l0_qemu(config.l0_qemu)
         self.artifacts: Artifacts | None = None
         self.l1: Machine | None = None
-        self.l2: L2 | None = None
-        self.l2_generation = 0
-        self.l2_consoles: list = []
+        self.l2: L2Machine | None = None  # the generation that runs the guest now
+        self.l2_generation = 0  # the next generation's number
+        self.l2_consoles: list = []  # every console of every generation (console-timing.tsv)
         self.ports = {"qmp": [free_port(), free_port()], "console": [free_port(), free_port()]}
         self.timings: dict[str, float] = {}
         self.extra_cmdline: list[str] = []  # L1 kernel parameters a restart mode needs (luo: kho=on ...)
@@ -495,83 +491,23 @@ class Rig:
         return L2Spec(RamBackend(kind, self.config.l2_mem_mib, ram_path), vfio=vfio, allow_s3=allow_s3,
                       aux_ram_share=aux_ram_share, viommu=self.config.l2_iommu)
 
-    def start_l2(self, spec: L2Spec, incoming: list[str] | None = None, plug_vfio: bool = True,
-                 wait_ready: bool = True, connect: bool = True, timeout: float = BOOT_DEADLINE_S) -> L2:
-        """Start an L2 QEMU generation in L1 and connect its console and QMP from L0."""
-        ports = self.l2_generation % 2
-        log = f"{STATE_DIR}/logs/l2-qemu-{self.l2_generation}.log"
-        if spec.ram.kind == "fsdax":
-            self.sh.check(f"[ -e {spec.ram.path} ] || {{ chroot /sysroot truncate -s {spec.ram.size_mib}M "
-                          f"{spec.ram.path}; }}", step="start-l2")
-        args = spec.args(ports=ports, incoming=incoming, plug_vfio=plug_vfio)
-        (self.log_dir / f"l2-qemu-{self.l2_generation}.cmdline").write_text(" ".join(args) + "\n")
-        command = start_command("qemu-system-x86_64", args, log, self.l2_generation,
-                                L1_CONSOLE_PORTS[ports] if connect else None, timeout)
-        pid = parse_pid(self.sh.check(command, timeout=timeout + 30, step="start-l2"))
-        console_log = (self.log_dir / "l2-console.log").open("ab", buffering=0)
-        l2 = L2(self.l2_generation, pid, ports, console_log, self.log_dir)
+    def l2_machine(self, spec: L2Spec, incoming: list[str] | None = None, plug_vfio: bool = True,
+                   connect: bool = True, wait_ready: bool | None = None,
+                   timeout: float = BOOT_DEADLINE_S) -> L2Machine:
+        """The next L2 QEMU generation, not launched yet: its number picks its port set (they
+        alternate), its QEMU log goes to the state region in L1, its console to l2-console.log.
+        ``wait_ready`` defaults to a first boot's (no ``incoming``)."""
+        generation = self.l2_generation
         self.l2_generation += 1
-        l2.log_path = log
-        if connect:
-            self.connect_l2(l2, timeout, wait_listening=False)
-        if wait_ready:
-            self.wait_l2_ready(l2, timeout)
-        return l2
+        ports = generation % 2
+        return L2Machine(self.sh, spec, generation, self.ports["console"][ports], self.ports["qmp"][ports],
+                         self.log_dir, incoming=incoming, plug_vfio=plug_vfio, connect=connect,
+                         wait_ready=wait_ready, timeout=timeout, ready=READY_L2, console_stall_s=CONSOLE_STALL_S,
+                         on_console=self.l2_consoles.append)
 
-    def wait_l2_ready(self, l2: L2, timeout: float) -> None:
-        """Wait for L2's init to say it is ready; if the console stream stalls, reconnect it once.
-
-        Seen here: L0 received the first byte of the READY line and then nothing, while the guest ran
-        on and its QMP answered. A new connection to the same chardev gets a shell that answers.
-        """
-        first = min(timeout, CONSOLE_STALL_S)
-        try:
-            l2.console.expect(READY_L2, timeout=first, step="boot-l2")
-        except ConsoleTimeout:
-            if l2.qmp.cmd("query-status", step="boot-l2", timeout=10)["status"] != "running":
-                raise
-            l2.reconnect_console(self.ports["console"][l2.ports])
-            l2.console_reconnects += 1
-            try:  # a boot still under way: input typed before its shell starts would be mangled
-                l2.console.expect(READY_L2, timeout=min(max(timeout - first, 30), 60), step="boot-l2")
-            except ConsoleTimeout:
-                pass  # the READY line went with the old stream; a shell that answers is the proof
-            l2.console.sync(timeout=60)
-            return
-        l2.console.sync()
-
-    def connect_l2(self, l2: L2, timeout: float = BOOT_DEADLINE_S, wait_listening: bool = True) -> None:
-        """Connect L0 to an L2 generation's console and QMP (through L1's forwarded ports).
-
-        L0's forwarder accepts before anything listens in L1, so first make sure, in L1, that
-        the new QEMU listens on its console port: a connection made earlier may be dropped later.
-        (QMP is not awaited here: a first boot's QMP listens only once the console is connected,
-        and the QMP client retries anyway.)
-        """
-        if wait_listening:
-            self.sh.run(guest.wait_listening(L1_CONSOLE_PORTS[l2.ports], timeout), timeout=timeout + 30)
-        try:
-            l2.connect(self.ports["console"][l2.ports], self.ports["qmp"][l2.ports], timeout=timeout,
-                       give_up=lambda: self.l2_qemu_fatal(l2))
-        except Exception as exc:
-            fatal = self.l2_qemu_fatal(l2)
-            evidence = {"l2 qemu log": self.sh.run(f"tail -20 {l2.log_path}")[1], "alive": self.l2_qemu_alive(l2.pid)}
-            if fatal and l2.generation > 0:
-                # After a restart, a QEMU that stops its guest is what the run found, not a rig fault.
-                raise CheckFailed("liveness", f"L2's new QEMU stopped the guest as it took over: {fatal}",
-                                  evidence) from exc
-            raise StepError("start-l2", f"L2 QEMU did not come up: {exc}", evidence) from exc
-        self.l2_consoles.append(l2.console)
-
-    def l2_qemu_alive(self, pid: int) -> bool:
-        return self.sh.run(f"kill -0 {pid}")[0] == 0
-
-    def l2_qemu_fatal(self, l2: L2) -> str:
-        """What an L2 QEMU's log says killed its guest or itself ('' when nothing did)."""
-        _, lines = self.sh.run(f"grep -E '{L2_QEMU_FATAL}' {l2.log_path} | head -3 | cut -c1-300", timeout=20)
-        if lines.strip():
-            return "; ".join(lines.split("\n"))
-        return "" if self.l2_qemu_alive(l2.pid) else "the QEMU process exited"
+    def start_l2(self, spec: L2Spec, **options) -> L2Machine:
+        """Launch the next L2 generation (``l2_machine``'s options); it is not made ``self.l2``."""
+        return self.l2_machine(spec, **options).launch()
 
     def collect_l1_logs(self) -> None:
         """Copy L2 QEMU's stderr logs (kept on the state region) from L1 into the run directory."""
@@ -600,7 +536,7 @@ class Rig:
             self.write_console_timings()
         self.collect_l1_logs()
         if self.l2:
-            self.l2.close()
+            self.l2.close()  # L0's side only: the QEMU goes with L1
         if self.l1:
             self.l1.shutdown()
         self.remove_scratch()  # boot.img, unless keep_images put it in the run directory

@@ -228,11 +228,12 @@ def test_each_cycle_sets_x_ignore_shared_both_ways(ignore_shared: bool) -> None:
     """A QEMU that came in with x-ignore-shared on keeps it: a ram-copy cycle must turn it off."""
     from types import SimpleNamespace
 
-    from fastrestart.restart.modes import MODES
+    from fastrestart.restart.modes import MODES, RestartContext
 
     l2 = SimpleNamespace(qmp=_Qmp())
-    flow = SimpleNamespace(ignore_shared=ignore_shared, caps=SimpleNamespace(capabilities={"x-ignore-shared"}))
-    MODES["cpr-reboot"].set_migration_options(l2, flow, "save")
+    ctx = RestartContext(rig=None, caps=SimpleNamespace(capabilities={"x-ignore-shared"}), l2=l2, ram_path="",
+                         ignore_shared=ignore_shared, workloads=None, new_l2=lambda **_: None)
+    MODES["cpr-reboot"].set_migration_options(l2, ctx, "save")
     assert ("migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}) in l2.qmp.sent
     assert ("migrate-set-parameters", {"mode": "cpr-reboot"}) in l2.qmp.sent

@@ -170,6 +170,73 @@ def test_ignore_shared_refuses_vfio():
 
 # -- specs and faults ---------------------------------------------------------------------------
 
+class _FakeL2:
+    """An L2 generation as a mode drives it: QMP commands recorded, quit, launch, close."""
+
+    def __init__(self, pid: int, fail_on: str = ""):
+        self.pid, self.fail_on, self.sent, self.quit_in, self.closed = pid, fail_on, [], None, False
+        self.launch_args: dict = {}
+        self.qmp = self
+
+    def cmd(self, name, step="qmp", timeout=180, **args):
+        if name == self.fail_on:
+            raise StepError(step, f"{name} failed")
+        self.sent.append(name)
+        return {"status": "running"} if name == "query-status" else {}
+
+    def wait_migration(self, timeout, step):
+        return {"status": "completed", "total-time": 9, "downtime": 3, "ram": {"transferred": 0}}
+
+    def launch(self):
+        return self
+
+    def quit(self, step):
+        self.quit_in = step
+
+    def close(self):
+        self.closed = True
+
+
+def _transfer_context(old, new):
+    from types import SimpleNamespace
+
+    def new_l2(**options):
+        new.launch_args = options
+        return new
+
+    rig = SimpleNamespace(sh=SimpleNamespace(check=lambda cmd, **_: ""), devices=[])
+    return modes.RestartContext(rig=rig, caps=_caps("11.1.3"), l2=old, ram_path="/dev/dax0.0", ignore_shared=True,
+                                workloads=None, new_l2=new_l2)
+
+
+def test_cpr_transfer_returns_the_new_qemu_for_the_flow_to_adopt():
+    from types import SimpleNamespace
+
+    from fastrestart.restart.flow import Flow
+
+    old, new = _FakeL2(100), _FakeL2(200)
+    mode = modes.choose("cpr-transfer", _caps("11.1.3"), [], "devdax", True)
+    outcome = mode.save(_transfer_context(old, new))
+    assert outcome.l2 is new and outcome.ram_path is None
+    assert outcome.facts["old_pid"] == 100 and outcome.facts["new_pid"] == 200
+    assert new.launch_args["connect"] is False and len(new.launch_args["incoming"]) == 2
+    assert old.quit_in == "save" and old.sent[-1] == "migrate" and not new.closed
+    # The flow adopts it: its own L2 and the rig's.
+    flow = Flow.__new__(Flow)
+    flow.rig, flow.l2, flow.ram_path = SimpleNamespace(l2=old), old, "/dev/dax0.0"
+    assert flow.adopt(outcome) is outcome.facts
+    assert flow.l2 is new and flow.rig.l2 is new and flow.ram_path == "/dev/dax0.0"
+    flow.adopt(modes.Outcome({}, ram_path="/proc/9/fd/3"))
+    assert flow.l2 is new and flow.ram_path == "/proc/9/fd/3"
+
+
+def test_a_failed_hand_over_keeps_the_old_qemu_and_closes_the_new_one():
+    old, new = _FakeL2(100, fail_on="migrate"), _FakeL2(200)
+    with pytest.raises(StepError, match="migrate failed"):
+        modes.choose("cpr-transfer", _caps("11.1.3"), [], "devdax", True).save(_transfer_context(old, new))
+    assert new.closed and old.quit_in is None
+
+
 @pytest.mark.parametrize("spec", ["debian", "debian:potato", "nfs:/x", "path:/does/not/exist"])
 def test_bad_kernel_specs_are_usage_errors(spec):
     with pytest.raises(UsageError):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastrestart.artifacts import workloads
 from fastrestart.artifacts.kernels import Kernel
-from fastrestart.errors import Unsupported
+from fastrestart.errors import CheckFailed, Unsupported
 from fastrestart.restart import modes
 from fastrestart.restart.probes import QemuCaps
 from fastrestart.vm.guest import RamBackend
@@ -114,6 +114,56 @@ def test_luo_needs_x_ignore_shared_and_shared_ram():
 def test_auto_never_picks_luo():
     assert "luo" not in modes.AUTO_ORDER
     assert modes.choose("auto", _caps(), [], "fsdax", True).name != "luo"
+
+
+class _Shell:
+    """L1's shell answering l1tool the way the helper does."""
+
+    def __init__(self, retrieve: str):
+        self.retrieve = retrieve
+        self.commands: list[str] = []
+
+    def check(self, cmd: str, timeout: float = 60, step: str = "console") -> str:
+        self.commands.append(cmd)
+        if "luo-hold" in cmd:
+            return "session=fastrestart-l2 pid=77 ram_path=/proc/77/fd/3 state_path=/proc/77/fd/4 ram_size=268435456"
+        return "preserved=2"
+
+    def run(self, cmd: str, timeout: float = 60, step: str = "console") -> tuple[int, str]:
+        self.commands.append(cmd)
+        if "luo-retrieve" in cmd:
+            return 0, self.retrieve
+        return 0, ""
+
+
+def _context(shell: _Shell, ram_path: str = "") -> modes.RestartContext:
+    from types import SimpleNamespace
+
+    rig = SimpleNamespace(sh=shell, config=SimpleNamespace(l2_mem_mib=256))
+    return modes.RestartContext(rig=rig, caps=_caps(), l2=None, ram_path=ram_path, ignore_shared=True,
+                                workloads=None, new_l2=lambda **_: None)
+
+
+def test_luo_returns_where_l2s_ram_lives_and_keeps_its_memfds_itself():
+    """The mode changes nothing in the flow: the RAM path comes back in its Outcome, and what it
+    keeps between its steps lives in its own instance (a fresh one per run)."""
+    luo = modes.choose("luo", _caps(), [], "fsdax", True)
+    assert luo is not modes.MODES["luo"] and luo is not modes.choose("luo", _caps(), [], "fsdax", True)
+    shell = _Shell("pid=88 ram_path=/proc/88/fd/5 state_path=/proc/88/fd/6 state_size=4096")
+    held = luo.prepare_ram(_context(shell))
+    assert held.ram_path == "/proc/77/fd/3" and held.l2 is None and held.facts["luo_hold"]["pid"] == 77
+    assert luo.state_path() == "/proc/77/fd/4" and modes.MODES["luo"].held == {}
+    luo.saved_state_bytes = 4096  # what the save wrote
+    back = luo.reserve(_context(shell, ram_path="/proc/77/fd/3"))
+    assert back.ram_path == "/proc/88/fd/5" and luo.state_path() == "/proc/88/fd/6"
+    luo.saved_state_bytes = 8192
+    with pytest.raises(CheckFailed, match="came back from LUO with 4096 bytes, not 8192"):
+        luo.reserve(_context(shell))
+
+
+def test_other_modes_keep_their_state_in_the_state_region():
+    assert modes.choose("cpr-reboot", _caps(), [], "fsdax", True).state_path() == modes.STATE_FILE
+    assert modes.choose("cpr-reboot", _caps(), [], "fsdax", True).prepare_ram(_context(_Shell(""))).ram_path is None
 
 
 def test_luo_ram_backend_maps_the_helpers_memfd_shared():
