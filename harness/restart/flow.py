@@ -161,9 +161,13 @@ class Flow:
         what L1 sees, unless the rig's own transport is proven at fault: L1 answers, L2's QEMU runs
         and the guest answers on a new console connection while the old one stays silent."""
         step = self.current_step
-        l1_answers = self.rig.sh.run("true", timeout=20, step=step)[0] == 0
+        try:
+            l1_answers = self.rig.sh.run("true", timeout=20, step=step)[0] == 0
+        except (StepError, ConsoleTimeout, GuestPanic) as silent:  # L1 itself hung or panicked
+            l1_answers, exc = False, silent
         if not l1_answers:
-            raise CheckFailed("liveness", f"L1 stopped answering after the restart (step {step})",
+            raise CheckFailed("liveness", f"L1 stopped answering after the restart (step {step}): "
+                              f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
                               {"step": step, "console": str(exc)[:500]}) from exc
         try:
             status = self.l2.qmp.cmd("query-status", step="liveness", timeout=10)["status"]
