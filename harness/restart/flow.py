@@ -446,7 +446,11 @@ class Flow:
         return facts
 
     def end_cycle(self) -> None:
-        liveness = checks.liveness(self.readings["before"], self.readings["after"], self.l2, self.rig)
+        try:
+            liveness = checks.liveness(self.readings["before"], self.readings["after"], self.l2, self.rig)
+        except (StepError, ConsoleTimeout) as exc:  # the guest can die right after the resume, too
+            self.judge_l2_silence(exc)
+            raise
         self.cycle_record["liveness"] = liveness
         self.readings["last"] = self.readings["after"]
         self.cycles_completed += 1
