@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from fastrestart.restart.flow import Flow
     from fastrestart.vm.rig import Rig
 
+
 @dataclass(frozen=True)
 class Fault:
     """A fault the harness injects for real, declared once: the step that injects it, the check
