@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from fastrestart.vm.console import Console, connect_tcp
 from fastrestart.vm.devices import Device, IntelIommu, _props
 from fastrestart.vm.machine import VirtualMachine
 from fastrestart.vm.qmp import Qmp
+from fastrestart.waits import wait_until
 
 L1_QMP_PORTS = (4444, 4445)
 L1_CONSOLE_PORTS = (5555, 5556)
@@ -312,12 +312,11 @@ class L2Machine(VirtualMachine):
                 pass  # the link may drop before the reply
         else:
             self.shell.run(f"kill -TERM {self.pid}", timeout=20)  # QEMU quits cleanly on SIGTERM
-        deadline = time.monotonic() + timeout
-        while self.is_running():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        try:
+            return wait_until(lambda: None if self.is_running() else True, timeout=timeout, every=0.05,
+                              failure=lambda: TimeoutError(f"{self.name} still runs"))
+        except TimeoutError:
+            return False
 
     def _hard_shutdown(self) -> None:
         if self._started:
